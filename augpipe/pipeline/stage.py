@@ -1,0 +1,188 @@
+"""The stage contract: what a stage declares, and the two calls the engine makes on it.
+
+A stage is one class in one module of ``augpipe.stages``. It declares as data:
+
+- ``consumes`` / ``produces``: the row fields it reads and writes, checked when a recipe is built;
+- ``Settings``: a pydantic model of its options (unknown keys are errors, named by the recipe loader);
+- ``resources`` and ``batch_size``: defaults the executor sizes actors with, overridable per recipe;
+- ``backends``: interchangeable implementations chosen by ``settings.backend``.
+
+The engine calls ``check()`` on the driver before any worker starts (is the model there?), then
+``setup()`` once per worker (load the model) and ``process_batch(rows)`` for each batch. A stage never
+imports Ray: the executor alone knows how it is run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from augpipe.pipeline.models import ResolvedModel, resolve_model
+from augpipe.pipeline.rows import Failure, Row, derive_seed
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks the scheduler for; ``gpus`` may be fractional to share a card."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float = 1.0
+
+
+class StageSettings(BaseModel):
+    """Options every stage accepts. Execution-only options do not enter the stage's fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    backend: str | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    concurrency: int = Field(default=1, ge=1, description="workers (actors) for this stage")
+    cpus: float | None = Field(default=None, gt=0)
+    gpus: float | None = Field(default=None, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = Field(default=True, description="half precision on CUDA where the model allows")
+
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "concurrency", "cpus", "gpus", "memory_gb", "device"}
+    )
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Run-wide facts a stage may need: the run seed and the recipe's name (for keys and seeds)."""
+
+    run_seed: int = 0
+    recipe: str = ""
+
+
+class Backend:
+    """One implementation of a stage's model. Subclasses load in ``load`` and expose a batch method."""
+
+    name: ClassVar[str]
+    default_model: ClassVar[str | None] = None
+
+    def __init__(self, settings: StageSettings, context: StageContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.model: ResolvedModel | None = None
+
+    @property
+    def model_ref(self) -> str | None:
+        """The configured model reference, or the backend's default."""
+        return getattr(self.settings, "model", None) or self.default_model
+
+    def check(self) -> None:
+        """Fail fast if the model is missing; cheap, runs on the driver."""
+        if self.model_ref is not None:
+            self.model = resolve_model(self.model_ref)
+
+    def load(self, device: str) -> None:
+        """Load weights onto ``device``; called once per worker."""
+
+    def describe(self) -> dict[str, Any]:
+        """Model identity for lineage and the manifest."""
+        info: dict[str, Any] = {"backend": self.name}
+        if self.model is not None:
+            info.update(model=self.model.ref, revision=self.model.revision)
+        return info
+
+
+def pick_device(settings: StageSettings, gpus: float) -> str:
+    """CUDA only when the stage was given a GPU share (or asked for CUDA) and one is visible."""
+    if settings.device == "cpu":
+        return "cpu"
+    import torch
+
+    if settings.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was configured but no CUDA device is visible to this worker")
+        return "cuda"
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class Stage:
+    """Base class of every stage; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    produces: ClassVar[frozenset[str]] = frozenset()
+    Settings: ClassVar[type[StageSettings]] = StageSettings
+    resources: ClassVar[Resources] = Resources()
+    batch_size: ClassVar[int] = 16
+    backends: ClassVar[dict[str, type[Backend]]] = {}
+    default_backend: ClassVar[str | None] = None
+    cacheable: ClassVar[bool] = True
+    """Whether outputs are worth caching per shard (model stages); cheap filters set this False."""
+
+    def __init__(self, settings: StageSettings, context: StageContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.stats: Counter[str] = Counter()
+        self.backend: Backend | None = None
+        chosen = settings.backend or self.default_backend
+        if self.backends:
+            if chosen not in self.backends:
+                raise ValueError(
+                    f"stage {self.name!r}: unknown backend {chosen!r}; choose one of {sorted(self.backends)}"
+                )
+            self.backend = self.backends[chosen](settings, context)
+        self.device = "cpu"
+
+    @classmethod
+    def settings_from(cls, options: dict[str, Any]) -> StageSettings:
+        """Validate a recipe's options for this stage into its typed settings."""
+        return cls.Settings.model_validate(options)
+
+    def effective_resources(self) -> Resources:
+        """Declared resources with the recipe's overrides applied."""
+        s, r = self.settings, self.resources
+        return Resources(
+            cpus=s.cpus if s.cpus is not None else r.cpus,
+            gpus=s.gpus if s.gpus is not None else r.gpus,
+            memory_gb=s.memory_gb if s.memory_gb is not None else r.memory_gb,
+        )
+
+    def effective_batch_size(self) -> int:
+        return self.settings.batch_size or self.batch_size
+
+    def check(self) -> None:
+        """Fail fast, on the driver, for anything that would fail every sample (a missing model)."""
+        if self.backend is not None:
+            self.backend.check()
+
+    def setup(self) -> None:
+        """Load models once per worker."""
+        self.device = pick_device(self.settings, self.effective_resources().gpus)
+        if self.backend is not None:
+            self.backend.load(self.device)
+
+    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+        """Turn a batch into output rows (fewer when filtering, more when fanning out) or Failures.
+
+        Raising fails the whole batch; the engine then retries rows one at a time to isolate the culprit.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Stage identity for lineage and the manifest: name, backend, model id and revision."""
+        info: dict[str, Any] = {"stage": self.name}
+        if self.backend is not None:
+            info.update(self.backend.describe())
+        return info
+
+    def fingerprint(self) -> str:
+        """A hash of what changes this stage's output: settings (minus execution-only) and model."""
+        options = self.settings.model_dump(exclude=set(self.settings.EXECUTION_ONLY))
+        blob = json.dumps({"describe": self.describe(), "options": options}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def seed_for(self, row: Row) -> int:
+        """The deterministic seed of this stage's work on ``row``."""
+        return derive_seed(self.context.run_seed, row["key"], self.name, tuple(row.get("variant", ())))
