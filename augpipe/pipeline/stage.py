@@ -149,6 +149,14 @@ class Stage:
             memory_gb=s.memory_gb if s.memory_gb is not None else r.memory_gb,
         )
 
+    def inputs(self) -> frozenset[str]:
+        """Fields this instance reads; override when they depend on settings (e.g. which field to embed)."""
+        return self.consumes
+
+    def outputs(self) -> frozenset[str]:
+        """Fields this instance writes; checked against later stages' inputs when a recipe is built."""
+        return self.produces
+
     def effective_batch_size(self) -> int:
         return self.settings.batch_size or self.batch_size
 
