@@ -56,10 +56,12 @@ class StageSettings(BaseModel):
 
 @dataclass(frozen=True)
 class StageContext:
-    """Run-wide facts a stage may need: the run seed and the recipe's name (for keys and seeds)."""
+    """Run-wide facts a stage may need: the seed, the recipe's name, its fan-out k and its key tag."""
 
     run_seed: int = 0
     recipe: str = ""
+    multiple: int = 1
+    tag: str = "aug"
 
 
 class Backend:
@@ -188,7 +190,8 @@ class Stage:
     def fingerprint(self) -> str:
         """A hash of what changes this stage's output: settings (minus execution-only) and model."""
         options = self.settings.model_dump(exclude=set(self.settings.EXECUTION_ONLY))
-        blob = json.dumps({"describe": self.describe(), "options": options}, sort_keys=True, default=str)
+        identity = {"describe": self.describe(), "options": options, "seed": self.context.run_seed}
+        blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def seed_for(self, row: Row) -> int:

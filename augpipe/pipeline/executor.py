@@ -1,0 +1,221 @@
+"""The only module that knows Ray: actor pools per stage, shards chained through object references.
+
+For each shard the driver submits ``read -> stage 1 -> ... -> commit`` as a chain of Ray calls whose
+arguments are the previous call's results, so Ray starts each step when its input is ready and several
+shards are in flight at once (shard N+1 is transcribed while shard N is synthesised). Model stages are
+long-lived actors that load their model once. Stage outputs already cached under the same chain
+fingerprint are read back instead of recomputed, and shards whose stats record matches the run are
+skipped entirely: that is resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from augpipe.pipeline.inputs import InputUnit
+from augpipe.pipeline.plan import Plan
+from augpipe.pipeline.stage import Resources, Stage
+from augpipe.pipeline.worker import StageRunner, cache_files, commit_shard, read_cached, read_source
+from augpipe.pipeline.writer import read_stats
+
+TASK_CPUS = 0.25
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@dataclass
+class RunState:
+    """What the driver knows while a run goes on: finished shards and per-stage progress."""
+
+    total: int
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+    stage_out: dict[str, int] = field(default_factory=dict)
+    stage_wall: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def is_done(out_dir: Path, unit: InputUnit, fingerprint: str) -> dict[str, Any] | None:
+    """The shard's stats if it was committed by a run of the same configuration and its files exist."""
+    stats = read_stats(out_dir, unit.shard_id)
+    if stats is None or stats.get("fingerprint") != fingerprint:
+        return None
+    if not all((out_dir / entry["path"]).exists() for entry in stats["outputs"]):
+        return None
+    return stats
+
+
+def init_ray(address: str | None) -> bool:
+    """Join ``address`` or start a local instance; True when this call started Ray (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level="WARNING",
+        log_to_driver=True,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    return True
+
+
+def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
+    """Each stage's resources, scaled so every actor fits the cluster beside the read and commit tasks.
+
+    A 2-core laptop cannot give five stages a CPU each; they still run, sharing the cores, instead of
+    waiting forever for CPUs that do not exist. GPUs are never invented: a stage that asks for one on a
+    cluster without one runs on CPU when its device is ``auto``, and fails when it is ``cuda``.
+    """
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    wanted = {s.name: s.effective_resources() for s in stages}
+    asked = sum(r.cpus * s.settings.concurrency for s, r in zip(stages, wanted.values(), strict=True))
+    budget = max(cpus - 2 * TASK_CPUS, 0.1)
+    scale = min(1.0, budget / asked) if asked else 1.0
+    fitted = {}
+    for stage in stages:
+        r = wanted[stage.name]
+        gpu = r.gpus
+        if gpu > 0 and gpus == 0:
+            if stage.settings.device == "cuda":
+                raise RuntimeError(f"stage {stage.name} has device: cuda but the Ray cluster has no GPU")
+            print(f"augpipe: no GPU in the cluster; {stage.name} runs on CPU", file=sys.stderr)
+            gpu = 0.0
+        fitted[stage.name] = Resources(cpus=round(r.cpus * scale, 3), gpus=gpu, memory_gb=r.memory_gb)
+    return fitted
+
+
+class Progress:
+    """Per-stage samples/s and an ETA on stderr, at most every ``every`` seconds."""
+
+    def __init__(self, state: RunState, stage_names: list[str], enabled: bool, every: float = 2.0) -> None:
+        self.state, self.names, self.enabled, self.every = state, stage_names, enabled, every
+        self.last = 0.0
+
+    def update(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < self.every):
+            return
+        self.last = now
+        state = self.state
+        elapsed = now - state.started
+        finished = len(state.done)
+        parts = [f"shards {finished}/{state.total}"]
+        for name in self.names:
+            wall = state.stage_wall.get(name, 0.0)
+            rate = state.stage_out.get(name, 0) / wall if wall > 0 else 0.0
+            parts.append(f"{name} {state.stage_out.get(name, 0)} ({rate:.1f}/s)")
+        remaining = state.total - finished
+        eta = f"{elapsed / finished * remaining:.0f}s" if finished else "?"
+        print("augpipe: " + " | ".join(parts) + f" | ETA {eta}", file=sys.stderr, flush=True)
+
+
+class Executor:
+    """Runs a plan over input units with Ray; the result holds every shard's stats record."""
+
+    def __init__(self, plan: Plan, out_dir: Path, progress: bool = True) -> None:
+        self.plan = plan
+        self.out_dir = out_dir
+        self.progress_enabled = progress
+        self.pools: dict[int, list[Any]] = {}
+        self.turn: dict[int, int] = {}
+        self.resources: dict[str, Resources] = {}
+
+    def _actor(self, index: int) -> Any:
+        """Round-robin over the stage's actor pool, created on first use (cached stages never load)."""
+        if index not in self.pools:
+            stage, entry = self.plan.stages[index], self.plan.recipe.stages[index]
+            r = self.resources[stage.name]
+            actor_cls = ray.remote(StageRunner).options(
+                num_cpus=r.cpus, num_gpus=r.gpus, memory=int(r.memory_gb * 2**30), max_concurrency=1
+            )
+            self.pools[index] = [
+                actor_cls.remote(entry, stage.context, self.plan.chain[index], str(self.out_dir))
+                for _ in range(stage.settings.concurrency)
+            ]
+            self.turn[index] = 0
+        pool = self.pools[index]
+        self.turn[index] += 1
+        return pool[self.turn[index] % len(pool)]
+
+    def _start(self, unit: InputUnit) -> tuple[Any, Any, int]:
+        """The deepest cached stage output of this shard, or the input itself: (rows, history, next stage)."""
+        for index in range(len(self.plan.stages) - 1, -1, -1):
+            stage = self.plan.stages[index]
+            parquet, history = cache_files(self.out_dir, stage.name, self.plan.chain[index], unit.shard_id)
+            if stage.cacheable and history.exists() and parquet.exists():
+                rows, hist = remote(read_cached, 2).remote(parquet, history)
+                return rows, hist, index + 1
+        rows, hist = remote(read_source, 2).remote(unit, self.plan.recipe)
+        return rows, hist, 0
+
+    def _submit(self, unit: InputUnit) -> dict[Any, tuple[str, int]]:
+        """Chain the shard's remaining steps; returns history refs to watch, with their stage position."""
+        rows, history, first = self._start(unit)
+        watch = {history: (unit.shard_id, first - 1)}
+        for index in range(first, len(self.plan.stages)):
+            method = self._actor(index).run.options(num_returns=2)
+            rows, history = method.remote(unit.shard_id, rows, history)
+            watch[history] = (unit.shard_id, index)
+        recipe = self.plan.recipe
+        committed = remote(commit_shard, 1).remote(
+            self.out_dir, unit, recipe, self.plan.run_fingerprint, rows, history
+        )
+        watch[committed] = (unit.shard_id, len(self.plan.stages))
+        return watch
+
+    def run(self, units: list[InputUnit], done: dict[str, dict[str, Any]]) -> RunState:
+        state = RunState(total=len(units) + len(done), done=dict(done))
+        self.resources = fit_resources(self.plan.stages)
+        names = [s.name for s in self.plan.stages]
+        progress = Progress(state, names, self.progress_enabled)
+        limit = max(2, sum(s.settings.concurrency for s in self.plan.stages) + 1)
+        queue = list(units)
+        watching: dict[Any, tuple[str, int]] = {}
+        in_flight = 0
+        while queue or watching:
+            while queue and in_flight < limit:
+                watching.update(self._submit(queue.pop(0)))
+                in_flight += 1
+            ready, _ = ray.wait(list(watching), num_returns=1, timeout=1.0)
+            for ref in ready:
+                shard_id, position = watching.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayError, OSError) as exc:
+                    if position == len(self.plan.stages):
+                        state.broken[shard_id] = f"{type(exc).__name__}: {exc}"
+                        in_flight -= 1
+                        print(f"augpipe: shard {shard_id} failed and was not written: {exc}", file=sys.stderr)
+                    continue
+                if position == len(self.plan.stages):
+                    state.done[shard_id] = result
+                    in_flight -= 1
+                elif position >= 0:
+                    last = result["stages"][-1]
+                    if not last["reused"]:
+                        state.stage_out[names[position]] = (
+                            state.stage_out.get(names[position], 0) + last["samples_out"]
+                        )
+                        state.stage_wall[names[position]] = (
+                            state.stage_wall.get(names[position], 0.0) + last["wall_s"]
+                        )
+            progress.update()
+        progress.update(force=True)
+        return state
+
+
+@functools.cache
+def remote(fn: Callable[..., Any], returns: int) -> Any:
+    """A light Ray task for reading, cache loading and committing (CPU work beside the model actors)."""
+    return ray.remote(num_cpus=TASK_CPUS, num_returns=returns, max_retries=2)(fn)

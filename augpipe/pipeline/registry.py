@@ -1,0 +1,45 @@
+"""Stage lookup by name: stage ``x`` lives in module ``augpipe.stages.x``, so a new stage is one new file."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from pydantic import ValidationError
+
+import augpipe.stages
+from augpipe.pipeline.config import ConfigError, StageEntry, describe_validation_error
+from augpipe.pipeline.stage import Stage, StageContext
+
+
+def stage_class(name: str) -> type[Stage]:
+    """The Stage subclass registered under ``name``."""
+    try:
+        module = importlib.import_module(f"augpipe.stages.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"augpipe.stages.{name}":
+            raise
+        raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(stage_names())}") from exc
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, Stage) and getattr(value, "name", None) == name:
+            return value
+    raise ConfigError(f"module augpipe.stages.{name} defines no Stage named {name!r}")
+
+
+def stage_names() -> list[str]:
+    """Every stage module shipped in ``augpipe.stages``."""
+    return sorted(m.name for m in pkgutil.iter_modules(augpipe.stages.__path__) if not m.name.startswith("_"))
+
+
+def build_stage(entry: StageEntry, context: StageContext) -> Stage:
+    """Instantiate a stage from a recipe entry (cheap: no model is loaded here)."""
+    cls = stage_class(entry.stage)
+    try:
+        settings = cls.settings_from(entry.options)
+    except ValidationError as exc:
+        known = list(cls.Settings.model_fields)
+        raise ConfigError(describe_validation_error(exc, f"stages.{entry.name}", known)) from exc
+    try:
+        return cls(settings, context)
+    except ValueError as exc:
+        raise ConfigError(f"stages.{entry.name}: {exc}") from exc
