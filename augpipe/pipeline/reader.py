@@ -165,14 +165,13 @@ def _grouped_members(stream: Any, result: ReadResult, label: str) -> Iterator[tu
             members[ext.lower()] = item["data"]
     except Exception as exc:
         errors.append(exc)
+    if key is not None:
+        yield key, members
     if errors:
         last = f" after sample {key}" if key is not None else ""
         result.failures.append(
-            Failure(key or label, READ_STAGE, "corrupt_shard", f"{label}: unreadable{last}: {errors[0]}")
+            Failure(label, READ_STAGE, "corrupt_shard", f"{label}: unreadable{last}: {errors[0]}")
         )
-        return
-    if key is not None:
-        yield key, members
 
 
 def _sidecar_columns(unit: InputUnit) -> dict[str, dict[str, Any]]:

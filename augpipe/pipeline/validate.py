@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jsonschema
+import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
@@ -39,7 +40,14 @@ def validate_corpus(out_dir: Path) -> list[str]:
         if len(keys) != len(set(keys)):
             problems.append(f"{tar.name}: repeated keys")
         sidecar = tar.with_suffix(".parquet")
-        if sidecar.exists() and pq.read_table(sidecar, columns=["key"])["key"].to_pylist() != keys:
+        if not sidecar.exists():
+            continue
+        try:
+            sidecar_keys = pq.read_table(sidecar, columns=["key"])["key"].to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            problems.append(f"{sidecar.name}: unreadable Parquet ({exc})")
+            continue
+        if sidecar_keys != keys:
             problems.append(f"{sidecar.name}: keys differ from {tar.name}")
     return problems
 

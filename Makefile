@@ -1,0 +1,42 @@
+# The two set-up commands of the README: `make demo` (install + main job on the demo data) and
+# `make test` (install with dev extras + the whole test suite). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+WHISPER := openai-whisper==20250625
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.runtime: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a CPU wheel where one is on local disk, the CUDA build on GPU nodes.
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[speech-extra,whisper,image]"
+	# openai-whisper's only extra dependency, triton, serves its CUDA kernels alone (1 GB): skip it.
+	$(PIP) --no-deps $(WHISPER)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP) -e ".[speech-extra,whisper,image,dev]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/augpipe demo-data demo
+	$(VENV)/bin/augpipe run back-speech --input demo/text --output out/back-speech
+	$(VENV)/bin/augpipe inspect out/back-speech
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/back_speech.py
+	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/cmda_weights.py
+
+clean:
+	rm -rf demo out

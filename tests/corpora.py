@@ -1,0 +1,71 @@
+"""Test corpora written the way outsiders write them: webdataset for good shards, raw tarfile for hostile ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import webdataset as wds
+
+SENTENCES = [
+    ("a000", "The weather was lovely and we walked along the river.", "positive"),
+    ("a001", "My neighbour fixed the old bicycle in one afternoon.", "positive"),
+    ("a002", "The meeting ran late and nobody had time for lunch.", "negative"),
+    ("a003", "She planted tomatoes and basil in the small garden.", "positive"),
+]
+
+
+def write_text_shard(path: Path, samples: list[tuple[str, str, str]]) -> Path:
+    with wds.TarWriter(str(path)) as sink:
+        for key, text, label in samples:
+            sink.write({"__key__": key, "txt": text, "json": {"label": label}})
+    return path
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _Exploit:
+    """Would run code if unpickled; the reader must refuse the member without reading it as a pickle."""
+
+    def __reduce__(self) -> tuple:
+        return (Path("/tmp/augpipe-pwned").touch, ())
+
+
+def write_hostile_corpus(folder: Path) -> dict[str, str]:
+    """Two shards: one with a bad sample of every kind among good ones, one truncated mid-member.
+
+    Returns key -> the failure cause the reader must report for it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "shard-00000.tar", "w") as tar:
+        _add(tar, "good0.txt", b"A perfectly ordinary sentence about the sea.")
+        _add(tar, "good0.json", json.dumps({"label": "positive"}).encode())
+        _add(tar, "latin1.txt", "Caf\u00e9 cr\u00e8me".encode("latin-1"))
+        _add(tar, "empty.txt", b"   \n")
+        _add(tar, "huge.txt", b"word " * 400_000)
+        _add(tar, "mystery.xyz", b"\x00\x01\x02")
+        _add(tar, "pickled.pyd", pickle.dumps(_Exploit()))
+        _add(tar, "../../escape.txt", b"I want to be written outside the output directory.")
+        _add(tar, "good1.txt", b"Another ordinary sentence about the mountains.")
+    good = io.BytesIO()
+    with tarfile.open(fileobj=good, mode="w") as tar:
+        _add(tar, "intact.txt", b"This sample comes before the damage and survives.")
+        _add(tar, "cut.txt", b"This member is cut in half by the truncation. " * 40)
+    blob = good.getvalue()
+    (folder / "shard-00001.tar").write_bytes(blob[: 512 * 3 + 700])
+    return {
+        "latin1": "text_not_utf8",
+        "empty": "empty_text",
+        "huge": "text_too_large",
+        "mystery": "unknown_member_type",
+        "pickled": "refused_pickle",
+        "../../escape": "unsafe_key",
+        "shard-00001.tar": "corrupt_shard",
+    }
