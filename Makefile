@@ -28,7 +28,8 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/augpipe inspect out/back-speech
 
 test: $(VENV)/.dev
-	$(PY) -m pytest
+	$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; exit $$rc
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
