@@ -1,0 +1,207 @@
+"""Mixup baselines against the METHODS §4 golden tests (C: m²-Mix, D: P-Mixup) and edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from augpipe.methods import mixup
+
+ATOL = 1e-6
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _reference_sph_inter(a: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
+    """m²-Mix ``sph_inter`` as written (no clip): the defect the safe version fixes."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        theta = np.arccos(np.sum(a * b, axis=-1, keepdims=True))
+        return np.sin(s * theta) / np.sin(theta) * a + np.sin((1 - s) * theta) / np.sin(theta) * b
+
+
+# ---------------------------------------------------------------------------------- golden test C
+
+
+def test_geodesic_orthogonal_golden() -> None:
+    out = mixup.geodesic_mix(np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), 0.3)
+    np.testing.assert_allclose(out.mixed, [0.453990, 0.891007, 0.0], atol=ATOL)
+
+
+def test_geodesic_golden_and_lambda_weights_a() -> None:
+    a = np.array([1.0, 2.0, 2.0]) / 3
+    b = np.array([0.0, 0.6, 0.8])
+    out = mixup.geodesic_mix(a, b, 0.25)
+    assert float(out.theta) == pytest.approx(0.367208, abs=ATOL)
+    np.testing.assert_allclose(out.mixed, [0.085116, 0.624711, 0.776203], atol=ATOL)
+    np.testing.assert_allclose(mixup.normalised_lerp(a, b, 0.25), [0.084395, 0.624523, 0.776434], atol=ATOL)
+    np.testing.assert_allclose(mixup.geodesic_mix(a, b, 1.0).mixed, a, atol=1e-12)  # λ = 1 gives a
+    np.testing.assert_allclose(mixup.geodesic_mix(a, b, 0.0).mixed, b, atol=1e-12)
+    assert not out.antipodal
+
+
+def test_geodesic_a_equals_b_is_a_where_the_reference_is_nan() -> None:
+    a = np.array([[0.6, 0.8, 0.0]])
+    assert np.all(np.isnan(_reference_sph_inter(a, a, 0.3)))
+    out = mixup.geodesic_mix(a, a, 0.3)
+    np.testing.assert_allclose(out.mixed, a, atol=1e-15)
+    assert not out.antipodal.any()
+
+
+def test_geodesic_cosine_rounding_above_one_is_nan_free() -> None:
+    a = np.array([[0.33333333333333337, 0.6666666666666667, 0.6666666666666667]])  # (1, 2, 2)/3, normalised
+    assert np.sum(a * a, axis=-1)[0] > 1.0  # rounding puts the cosine just above 1
+    assert np.all(np.isnan(_reference_sph_inter(a, a, 0.7)))
+    out = mixup.geodesic_mix(a, a, 0.7)
+    assert np.all(np.isfinite(out.mixed))
+    np.testing.assert_allclose(out.mixed, a, atol=1e-15)
+    assert out.theta[0] == 0.0
+
+
+def test_geodesic_antipodal_flag() -> None:
+    a = _unit(np.array([[1.0, 2.0, 2.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    b = np.array([-a[0], [1.0, 0.0, 0.0], a[2]])
+    out = mixup.geodesic_mix(a, b, np.array([0.5, 0.5, 0.5]))
+    np.testing.assert_array_equal(out.antipodal, [True, False, False])
+    assert np.all(np.isfinite(out.mixed))
+    np.testing.assert_allclose(np.linalg.norm(out.mixed, axis=1), 1.0)
+    np.testing.assert_allclose(out.mixed[0], a[0])  # λ = ½ on an antipodal pair: a, by convention
+    np.testing.assert_allclose(mixup.geodesic_mix(a[0], -a[0], 0.2).mixed, -a[0])  # lerp's limit
+
+
+def test_geodesic_per_pair_lambda_and_float32() -> None:
+    rng = np.random.default_rng(0)
+    a = _unit(rng.standard_normal((5, 8))).astype(np.float32)
+    b = _unit(rng.standard_normal((5, 8))).astype(np.float32)
+    lam = np.linspace(0.1, 0.9, 5)
+    out = mixup.geodesic_mix(a, b, lam)
+    assert out.mixed.dtype == np.float32
+    for i in range(5):
+        np.testing.assert_allclose(out.mixed[i], mixup.geodesic_mix(a[i], b[i], lam[i]).mixed, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(out.mixed, axis=1), 1.0, atol=1e-6)
+    # on the geodesic: the angle to a is (1 − λ)θ
+    cos_to_a = np.sum(out.mixed.astype(np.float64) * a, axis=1)
+    np.testing.assert_allclose(np.arccos(np.clip(cos_to_a, -1, 1)), (1 - lam) * out.theta, atol=1e-3)
+
+
+def _loss_pairs() -> tuple[np.ndarray, np.ndarray]:
+    image = _unit(np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.2], [0.3, 0.0, 1.0]]))
+    text = _unit(np.array([[0.8, 0.3, 0.1], [0.1, 0.9, -0.2], [0.2, 0.2, 0.9]]))
+    return image, text
+
+
+@pytest.mark.parametrize(("tau2", "expected"), [(0.07, 0.000420), (1.0, 1.374140)])
+def test_m2_loss_golden(tau2: float, expected: float) -> None:
+    image, text = _loss_pairs()
+    assert mixup.m2_loss(image, text, 0.5, tau2=tau2) == pytest.approx(expected, abs=ATOL)
+
+
+def test_m2_loss_sums_two_directions() -> None:
+    image, text = _loss_pairs()
+    mixed = mixup.geodesic_mix(image, text, 0.5).mixed
+    positive = np.sum(image * text, axis=1)
+    directions = []
+    for anchor in (image, text):
+        logits = anchor @ mixed.T
+        np.fill_diagonal(logits, positive)
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        directions.append(-np.mean(np.log(np.diag(probs))))
+    assert mixup.m2_loss(image, text, 0.5, tau2=1.0) == pytest.approx(sum(directions), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------- mixup
+
+
+def test_mix_pair_uses_y_j() -> None:
+    x, y = mixup.mix_pair(
+        np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.3
+    )
+    np.testing.assert_allclose(x, [0.3, 0.7])
+    np.testing.assert_allclose(y, [0.3, 0.7])  # the slide's typo would give [1, 0]
+
+
+def test_mixup_batch_is_seeded_and_consistent() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3, 2, 2))
+    y = np.eye(4)[rng.integers(0, 4, size=16)]
+    out = mixup.mixup_batch(x, y, 42)
+    again = mixup.mixup_batch(x, y, 42)
+    np.testing.assert_array_equal(out.x, again.x)
+    assert not np.array_equal(out.x, mixup.mixup_batch(x, y, 43).x)
+    ref = np.random.default_rng(42)
+    np.testing.assert_array_equal(out.partner, ref.permutation(16))
+    lam = ref.beta(0.25, 0.25)
+    np.testing.assert_allclose(out.lam, lam)
+    np.testing.assert_allclose(out.x, lam * x + (1 - lam) * x[out.partner])
+    np.testing.assert_allclose(out.y, lam * y + (1 - lam) * y[out.partner])
+    np.testing.assert_allclose(out.y.sum(axis=1), 1.0)
+
+
+def test_mixup_per_sample_lambda() -> None:
+    x = np.arange(20.0).reshape(10, 2)
+    y = np.eye(10)
+    out = mixup.mixup_batch(x, y, 0, per_sample=True, alpha=1.0)
+    assert len(set(out.lam.tolist())) == 10
+    np.testing.assert_allclose(out.x, out.lam[:, None] * x + (1 - out.lam[:, None]) * x[out.partner])
+
+
+def test_beta_025_is_u_shaped() -> None:
+    lam = np.array([mixup.mixup_batch(np.zeros((2, 1)), np.zeros((2, 1)), s).lam[0] for s in range(400)])
+    assert np.mean((lam < 0.1) | (lam > 0.9)) > 0.5  # Beta(0.25, 0.25) piles up at the ends
+
+
+# ---------------------------------------------------------------------------------- golden test D
+
+
+def test_pmixup_schedule_golden() -> None:
+    lam = mixup.pmixup_schedule(np.array([0.5, 0.4, 0.3, 0.2, 0.1]), np.array([0.5, 0.6, 0.7, 0.8, 0.9]))
+    np.testing.assert_allclose(lam, [0.199991, 0.399933, 0.599504, 0.796328, 0.972436], atol=ATOL)
+
+
+def test_pmixup_constant_distances_golden() -> None:
+    assert float(mixup.pmixup_q(0.05, 1.0)) == pytest.approx(0.385821, abs=ATOL)
+    lam = mixup.pmixup_schedule(np.full(5, 0.05), np.full(5, 1.0))
+    np.testing.assert_allclose(lam, [0.122836, 0.293064, 0.481578, 0.677146, 0.875436], atol=ATOL)
+
+
+def test_pmixup_step_and_bad_distances() -> None:
+    assert mixup.pmixup_step(0.5, 2, 4, 0.25) == pytest.approx(2 * 0.75 / 4 + 0.25 * 0.5)
+    with pytest.raises(ValueError):
+        mixup.pmixup_q(0.0, 0.0)
+    with pytest.raises(ValueError):
+        mixup.pmixup_schedule(np.ones(3), np.ones(3), n_total=2)
+
+
+def test_pmixup_jitter_range_clamp_and_seed() -> None:
+    lam = np.array([0.0, 0.5, 0.95] * 200)
+    out = mixup.pmixup_jitter(lam, 3)
+    np.testing.assert_array_equal(out, mixup.pmixup_jitter(lam, 3))
+    assert np.all(out >= np.maximum(lam - 0.2, 0)) and np.all(out <= np.minimum(lam + 0.2, 1))
+    assert np.any(out[0::3] == 0.0) and np.any(out[2::3] == 1.0)  # clamped at both ends
+    assert np.std(out[1::3]) > 0.05
+
+
+# ---------------------------------------------------------------------------------- RecursiveMix
+
+
+def test_recursive_mix_box_lambda_is_the_uncovered_fraction() -> None:
+    for seed in range(50):
+        box = mixup.recursive_mix_box(32, 24, seed)
+        assert 0 <= box.top <= box.bottom <= 32 and 0 <= box.left <= box.right <= 24
+        area = (box.bottom - box.top) * (box.right - box.left)
+        assert box.lam == pytest.approx(1 - area / (32 * 24))
+        assert box.lam >= 0.5 - 1e-12  # area ratio is at most α = 0.5
+
+
+def test_recursive_mix_pastes_resized_previous_batch() -> None:
+    x = np.zeros((2, 1, 8, 8))
+    old_x = np.arange(2 * 16, dtype=float).reshape(2, 1, 4, 4)
+    y, old_y = np.eye(2), np.eye(2)[::-1]
+    box = mixup.RecursiveMixBox(top=2, left=0, bottom=6, right=8, lam=0.5)
+    out_x, out_y = mixup.recursive_mix(x, y, old_x, old_y, box)
+    np.testing.assert_array_equal(out_x[:, :, :2], 0.0)
+    np.testing.assert_array_equal(out_x[0, 0, 2:6, ::2], old_x[0, 0])  # rows 1:1, columns doubled
+    np.testing.assert_array_equal(out_x[0, 0, 2:6, 1::2], old_x[0, 0])
+    np.testing.assert_allclose(out_y, [[0.5, 0.5], [0.5, 0.5]])
+    assert np.all(x == 0)  # the input is not modified
