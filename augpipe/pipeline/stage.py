@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,6 +123,8 @@ class Stage:
     default_backend: ClassVar[str | None] = None
     cacheable: ClassVar[bool] = True
     """Whether outputs are worth caching per shard (model stages); cheap filters set this False."""
+    needs_fit: ClassVar[bool] = False
+    """Global stages (a GMM, a learned latent space) fit once over the whole corpus before processing."""
 
     def __init__(self, settings: StageSettings, context: StageContext) -> None:
         self.settings = settings
@@ -179,6 +182,22 @@ class Stage:
         Raising fails the whole batch; the engine then retries rows one at a time to isolate the culprit.
         """
         raise NotImplementedError
+
+    def fit_fields(self) -> frozenset[str]:
+        """Fields a global stage's ``fit`` reads from every row of the corpus (by default, its inputs)."""
+        return self.inputs()
+
+    def fit(self, columns: dict[str, list[Any]], artifact_dir: Path) -> dict[str, Any]:
+        """Fit once over the corpus (``columns``: field -> values of every row, plus ``key``).
+
+        Save the fitted state under ``artifact_dir`` (a versioned folder next to the output, reused on
+        resume) and return a small JSON-able summary for the manifest (e.g. the chosen M and BIC curve).
+        """
+        raise NotImplementedError(f"stage {self.name} declares needs_fit but has no fit()")
+
+    def load_fitted(self, artifact_dir: Path) -> None:
+        """Load what ``fit`` saved; called in every worker after ``setup`` and before any batch."""
+        raise NotImplementedError(f"stage {self.name} declares needs_fit but has no load_fitted()")
 
     def describe(self) -> dict[str, Any]:
         """Stage identity for lineage and the manifest: name, backend, model id and revision."""
