@@ -24,7 +24,17 @@ import ray
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.stage import Resources, Stage
-from augpipe.pipeline.worker import StageRunner, cache_files, commit_shard, read_cached, read_source
+from augpipe.pipeline.worker import (
+    StageRunner,
+    artifact_dir,
+    cache_files,
+    commit_shard,
+    fit_global,
+    project_rows,
+    read_cached,
+    read_fit,
+    read_source,
+)
 from augpipe.pipeline.writer import read_stats
 
 TASK_CPUS = 0.25
@@ -139,8 +149,16 @@ class Executor:
             actor_cls = ray.remote(StageRunner).options(
                 num_cpus=r.cpus, num_gpus=r.gpus, memory=int(r.memory_gb * 2**30), max_concurrency=1
             )
+            fitted = str(self._artifact(index)) if stage.needs_fit else None
             self.pools[index] = [
-                actor_cls.remote(entry, stage.context, self.plan.chain[index], str(self.out_dir))
+                actor_cls.remote(
+                    entry,
+                    stage.context,
+                    self.plan.chain[index],
+                    str(self.out_dir),
+                    self._feeds_fit(index),
+                    fitted,
+                )
                 for _ in range(stage.settings.concurrency)
             ]
             self.turn[index] = 0
@@ -148,35 +166,75 @@ class Executor:
         self.turn[index] += 1
         return pool[self.turn[index] % len(pool)]
 
-    def _start(self, unit: InputUnit) -> tuple[Any, Any, int]:
-        """The deepest cached stage output of this shard, or the input itself: (rows, history, next stage)."""
-        for index in range(len(self.plan.stages) - 1, -1, -1):
+    def _feeds_fit(self, index: int) -> bool:
+        """The stage just before a global stage always caches: the fit and the processing both read it."""
+        following = index + 1
+        return following < len(self.plan.stages) and self.plan.stages[following].needs_fit
+
+    def _artifact(self, index: int) -> Path:
+        return artifact_dir(self.out_dir, self.plan.stages[index].name, self.plan.chain[index])
+
+    def _start(self, unit: InputUnit, limit: int | None = None) -> tuple[Any, Any, int]:
+        """The deepest cached stage output before ``limit``, or the input: (rows, history, next stage)."""
+        end = len(self.plan.stages) if limit is None else limit
+        for index in range(end - 1, -1, -1):
             stage = self.plan.stages[index]
             parquet, history = cache_files(self.out_dir, stage.name, self.plan.chain[index], unit.shard_id)
-            if stage.cacheable and history.exists() and parquet.exists():
+            if (stage.cacheable or self._feeds_fit(index)) and history.exists() and parquet.exists():
                 rows, hist = remote(read_cached, 2).remote(parquet, history)
                 return rows, hist, index + 1
         rows, hist = remote(read_source, 2).remote(unit, self.plan.recipe)
         return rows, hist, 0
 
-    def _submit(self, unit: InputUnit) -> dict[Any, tuple[str, int]]:
-        """Chain the shard's remaining steps; returns history refs to watch, with their stage position."""
-        rows, history, first = self._start(unit)
+    def _chain(self, unit: InputUnit, end: int) -> tuple[Any, Any, dict[Any, tuple[str, int]]]:
+        """Submit the shard's steps up to stage ``end`` (exclusive) from its deepest cache."""
+        rows, history, first = self._start(unit, end)
         watch = {history: (unit.shard_id, first - 1)}
-        for index in range(first, len(self.plan.stages)):
+        for index in range(first, end):
             method = self._actor(index).run.options(num_returns=2)
             rows, history = method.remote(unit.shard_id, rows, history)
             watch[history] = (unit.shard_id, index)
-        recipe = self.plan.recipe
+        return rows, history, watch
+
+    def _fit(self, index: int, units: list[InputUnit]) -> None:
+        """Run everything before global stage ``index`` over the whole corpus, then fit it once."""
+        folder = self._artifact(index)
+        if read_fit(folder) is not None:
+            return
+        stage, entry = self.plan.stages[index], self.plan.recipe.stages[index]
+        fields = sorted(stage.fit_fields())
+        columns: dict[str, list[Any]] = {name: [] for name in ["key", *fields]}
+        pending = []
+        for unit in units:
+            rows, _, _ = self._chain(unit, index)
+            pending.append(remote(project_rows, 1).remote(rows, fields))
+        for part in ray.get(pending):
+            for name, values in part.items():
+                columns[name].extend(values)
+        if self.progress_enabled:
+            print(f"augpipe: fitting {stage.name} on {len(columns['key'])} rows", file=sys.stderr, flush=True)
+        r = self.resources[stage.name]
+        task = ray.remote(num_cpus=r.cpus, num_gpus=r.gpus)(fit_global)
+        ray.get(task.remote(entry, stage.context, columns, str(folder)))
+
+    def _submit(self, unit: InputUnit) -> dict[Any, tuple[str, int]]:
+        """Chain the shard's remaining steps and its commit; returns refs to watch with their position."""
+        rows, history, watch = self._chain(unit, len(self.plan.stages))
         committed = remote(commit_shard, 1).remote(
-            self.out_dir, unit, recipe, self.plan.run_fingerprint, rows, history
+            self.out_dir, unit, self.plan.recipe, self.plan.run_fingerprint, rows, history
         )
         watch[committed] = (unit.shard_id, len(self.plan.stages))
         return watch
 
-    def run(self, units: list[InputUnit], done: dict[str, dict[str, Any]]) -> RunState:
+    def run(
+        self, units: list[InputUnit], done: dict[str, dict[str, Any]], corpus: list[InputUnit]
+    ) -> RunState:
+        """Process ``units`` (the shards not yet done); global stages fit over the whole ``corpus``."""
         state = RunState(total=len(units) + len(done), done=dict(done))
         self.resources = fit_resources(self.plan.stages)
+        for index, stage in enumerate(self.plan.stages):
+            if stage.needs_fit:
+                self._fit(index, corpus)
         names = [s.name for s in self.plan.stages]
         progress = Progress(state, names, self.progress_enabled)
         limit = max(2, sum(s.settings.concurrency for s in self.plan.stages) + 1)

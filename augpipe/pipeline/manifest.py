@@ -20,6 +20,7 @@ import augpipe
 from augpipe.pipeline.inputs import InputUnit, file_sha256
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.rowcodec import json_default
+from augpipe.pipeline.worker import artifact_dir, read_fit
 from augpipe.pipeline.writer import QUARANTINE_DIR, atomic_write
 
 SCHEMA_VERSION = "1.0"
@@ -81,8 +82,21 @@ def _failures(shards: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _artifacts(plan: Plan, out_dir: Path) -> dict[str, Any]:
+    """What each global stage fitted (e.g. the GMM's M and BIC curve), with where its state is saved."""
+    found = {}
+    for stage, chain_fp in zip(plan.stages, plan.chain, strict=True):
+        if stage.needs_fit:
+            folder = artifact_dir(out_dir, stage.name, chain_fp)
+            record = read_fit(folder)
+            if record is not None:
+                found[stage.name] = {"path": str(folder.relative_to(out_dir)), **record}
+    return found
+
+
 def build_manifest(
     plan: Plan,
+    out_dir: Path,
     units: list[InputUnit],
     shards: dict[str, dict[str, Any]],
     started: datetime,
@@ -122,6 +136,7 @@ def build_manifest(
             if totals["reused_shards"]
         },
         "failures": failures,
+        "artifacts": _artifacts(plan, out_dir),
         "incomplete_shards": broken,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),

@@ -71,10 +71,10 @@ def run_recipe(
     if todo:
         started_ray = init_ray(address)
         try:
-            state = Executor(plan, out_dir, progress=progress).run(todo, done)
+            state = Executor(plan, out_dir, progress=progress).run(todo, done, units)
         finally:
             if started_ray:
                 ray.shutdown()
-    manifest = build_manifest(plan, units, state.done, started, state.broken)
+    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken)
     path = write_manifest(out_dir, manifest)
     return RunResult(manifest=manifest, manifest_path=path, max_failure_rate=max_failure_rate)

@@ -27,6 +27,9 @@ from augpipe.pipeline.writer import atomic_write, write_quarantine, write_shard,
 
 History = dict[str, Any]
 CACHE_DIR = ".cache"
+ARTIFACTS_DIR = "artifacts"
+FIT_RECORD = "fit.json"
+ARTIFACT_FORMAT = 1
 
 
 def new_history(unit: InputUnit) -> History:
@@ -36,6 +39,48 @@ def new_history(unit: InputUnit) -> History:
 def cache_files(out_dir: Path, stage_name: str, chain_fp: str, shard_id: str) -> tuple[Path, Path]:
     folder = out_dir / CACHE_DIR / f"{stage_name}-{chain_fp}"
     return folder / f"{shard_id}.parquet", folder / f"{shard_id}.history.json"
+
+
+def artifact_dir(out_dir: Path, stage_name: str, chain_fp: str) -> Path:
+    """Where a global stage's fitted state lives: versioned by the stage's chain fingerprint."""
+    return out_dir / ARTIFACTS_DIR / f"{stage_name}-{chain_fp}"
+
+
+def read_fit(folder: Path) -> dict[str, Any] | None:
+    """The fit record of a global stage, or None if it was never completed."""
+    try:
+        return json.loads((folder / FIT_RECORD).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def fit_global(
+    entry: StageEntry, context: StageContext, columns: dict[str, list[Any]], folder: str
+) -> dict[str, Any]:
+    """Fit a global stage once over the corpus; its record is written last, so a half fit is never used."""
+    stage = build_stage(entry, context)
+    stage.check()
+    stage.setup()
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary = stage.fit(columns, path)
+    record = {
+        "format": ARTIFACT_FORMAT,
+        "stage": stage.name,
+        "describe": stage.describe(),
+        "rows": len(columns.get("key", [])),
+        "fit_s": time.perf_counter() - started,
+        "summary": summary,
+    }
+    blob = json.dumps(record, indent=1, default=str).encode()
+    atomic_write(path / FIT_RECORD, lambda fh: fh.write(blob))
+    return record
+
+
+def project_rows(rows: list[Row], fields: list[str]) -> dict[str, list[Any]]:
+    """Only the fields a global fit reads, so the driver gathers columns, not whole rows with media."""
+    return {name: [row.get(name) for row in rows] for name in ["key", *fields]}
 
 
 def read_source(unit: InputUnit, recipe: Recipe) -> tuple[list[Row], History]:
@@ -92,12 +137,23 @@ def _cause(exc: BaseException) -> str:
 class StageRunner:
     """One stage loaded once (in a Ray actor), run shard by shard with failure isolation and caching."""
 
-    def __init__(self, entry: StageEntry, context: StageContext, chain_fp: str, out_dir: str) -> None:
+    def __init__(
+        self,
+        entry: StageEntry,
+        context: StageContext,
+        chain_fp: str,
+        out_dir: str,
+        always_cache: bool = False,
+        fitted: str | None = None,
+    ) -> None:
         self.stage = build_stage(entry, context)
         self.stage.check()
         self.stage.setup()
+        if fitted is not None:
+            self.stage.load_fitted(Path(fitted))
         self.chain_fp = chain_fp
         self.out_dir = Path(out_dir)
+        self.always_cache = always_cache
 
     def _run_batch(self, batch: list[Row]) -> tuple[list[Row], list[Failure]]:
         try:
@@ -141,7 +197,7 @@ class StageRunner:
             }
         )
         history["failures"].extend(asdict(f) for f in failures)
-        if self.stage.cacheable:
+        if self.stage.cacheable or self.always_cache:
             self._save(shard_id, out, history)
         return out, history
 
