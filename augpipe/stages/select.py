@@ -1,9 +1,9 @@
 """Pool to k: keep the distinct candidates of each source and draw ``multiple`` of them uniformly.
 
 The Back-Modality paper builds a pool of l*m*n candidates per source, filters it, then samples uniformly
-to reach the augmentation multiple k. Identical candidate texts are one candidate: a pool of five copies
-of one paraphrase is one augmentation, not five. Output keys are numbered ``KEY-tag-0..k-1`` in a
-deterministic order so re-runs give the same keys.
+to reach the augmentation multiple k. Candidate texts equal after normalisation are one candidate:
+a pool of five copies of one paraphrase is one augmentation, not five. Output keys are numbered
+``KEY-tag-0..k-1`` in a deterministic order so re-runs give the same keys.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import numpy as np
 from pydantic import Field
 
+from augpipe.methods.text_distance import normalize_text
 from augpipe.pipeline.rows import Failure, Row, candidate_id, derive_seed, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 
@@ -43,12 +44,14 @@ class Select(Stage):
         return hashlib.sha256(f"{base}{extra}".encode()).hexdigest()[:16]
 
     def _distinct(self, rows: list[Row]) -> list[Row]:
+        """One candidate per distinct value; texts that differ only in case or punctuation are one."""
         field = self.settings.dedupe_field
         if field is None:
             return rows
         seen: dict[object, Row] = {}
         for row in rows:
-            seen.setdefault(row.get(field), row)
+            value = row.get(field)
+            seen.setdefault(normalize_text(value) if isinstance(value, str) else value, row)
         return list(seen.values())
 
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
