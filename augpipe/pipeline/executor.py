@@ -106,28 +106,32 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
 
 
 class Progress:
-    """Per-stage samples/s and an ETA on stderr, at most every ``every`` seconds."""
+    """Per-stage samples/s and an ETA on stderr when something moved, and a heartbeat when nothing did."""
 
-    def __init__(self, state: RunState, stage_names: list[str], enabled: bool, every: float = 2.0) -> None:
-        self.state, self.names, self.enabled, self.every = state, stage_names, enabled, every
-        self.last = 0.0
+    def __init__(
+        self, state: RunState, stage_names: list[str], enabled: bool, heartbeat: float = 30.0
+    ) -> None:
+        self.state, self.names, self.enabled, self.heartbeat = state, stage_names, enabled, heartbeat
+        self.last_line, self.last_time = "", 0.0
 
-    def update(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < self.every):
+    def update(self) -> None:
+        if not self.enabled:
             return
-        self.last = now
         state = self.state
-        elapsed = now - state.started
         finished = len(state.done)
         parts = [f"shards {finished}/{state.total}"]
         for name in self.names:
             wall = state.stage_wall.get(name, 0.0)
             rate = state.stage_out.get(name, 0) / wall if wall > 0 else 0.0
             parts.append(f"{name} {state.stage_out.get(name, 0)} ({rate:.1f}/s)")
-        remaining = state.total - finished
-        eta = f"{elapsed / finished * remaining:.0f}s" if finished else "?"
-        print("augpipe: " + " | ".join(parts) + f" | ETA {eta}", file=sys.stderr, flush=True)
+        line = " | ".join(parts)
+        now = time.perf_counter()
+        if line == self.last_line and now - self.last_time < self.heartbeat:
+            return
+        elapsed = now - state.started
+        eta = f"{elapsed / finished * (state.total - finished):.0f}s" if finished else "?"
+        print(f"augpipe: {line} | {elapsed:.0f}s elapsed, ETA {eta}", file=sys.stderr, flush=True)
+        self.last_line, self.last_time = line, now
 
 
 class Executor:
@@ -269,7 +273,6 @@ class Executor:
                             state.stage_wall.get(names[position], 0.0) + last["wall_s"]
                         )
             progress.update()
-        progress.update(force=True)
         return state
 
 
