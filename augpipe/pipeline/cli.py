@@ -163,9 +163,15 @@ def stages() -> None:
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a report page: generated samples beside their sources and strongest contributors.",
+)
+@click.option(
     "--samples", default=5, show_default=True, help="Generated samples to show beside their sources."
 )
-def inspect(out_dir: Path, as_json: bool, samples: int) -> None:
+def inspect(out_dir: Path, as_json: bool, html_file: Path | None, samples: int) -> None:
     """Summarise an output corpus: counts, per-stage throughput, failures, reuse, example samples."""
     from augpipe.pipeline.manifest import read_manifest
     from augpipe.pipeline.report import summary_text
@@ -173,6 +179,12 @@ def inspect(out_dir: Path, as_json: bool, samples: int) -> None:
     manifest = read_manifest(out_dir)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
+        return
+    if html_file is not None:
+        from augpipe.pipeline.report import html_report
+
+        html_file.write_text(html_report(out_dir, manifest, samples))
+        click.echo(f"wrote {html_file}")
         return
     click.echo(summary_text(out_dir, manifest, samples))
 
