@@ -38,7 +38,16 @@ from augpipe.pipeline.worker import (
 from augpipe.pipeline.writer import read_stats
 
 TASK_CPUS = 0.25
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Workers never reach a model hub (a missing model is an error, not a download), and print no model
+# loading progress bars into the job's log.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
+}
 
 
 @dataclass
@@ -67,7 +76,7 @@ def init_ray(address: str | None) -> bool:
     """Join ``address`` or start a local instance; True when this call started Ray (and must stop it)."""
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}
+    env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
     ray.init(
         address=address,
         include_dashboard=False,
