@@ -146,8 +146,9 @@ class Progress:
 class Executor:
     """Runs a plan over input units with Ray; the result holds every shard's stats record."""
 
-    def __init__(self, plan: Plan, out_dir: Path, progress: bool = True) -> None:
+    def __init__(self, plan: Plan, out_dir: Path, run_id: str, progress: bool = True) -> None:
         self.plan = plan
+        self.run_id = run_id
         self.out_dir = out_dir
         self.progress_enabled = progress
         self.pools: dict[int, list[Any]] = {}
@@ -169,6 +170,7 @@ class Executor:
                     stage.context,
                     self.plan.chain[index],
                     str(self.out_dir),
+                    self.run_id,
                     self._feeds_fit(index),
                     fitted,
                 )
@@ -194,9 +196,9 @@ class Executor:
             stage = self.plan.stages[index]
             parquet, history = cache_files(self.out_dir, stage.name, self.plan.chain[index], unit.shard_id)
             if (stage.cacheable or self._feeds_fit(index)) and history.exists() and parquet.exists():
-                rows, hist = remote(read_cached, 2).remote(parquet, history)
+                rows, hist = remote(read_cached, 2).remote(parquet, history, self.run_id)
                 return rows, hist, index + 1
-        rows, hist = remote(read_source, 2).remote(unit, self.plan.recipe)
+        rows, hist = remote(read_source, 2).remote(unit, self.plan.recipe, self.run_id)
         return rows, hist, 0
 
     def _chain(self, unit: InputUnit, end: int) -> tuple[Any, Any, dict[Any, tuple[str, int]]]:

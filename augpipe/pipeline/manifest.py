@@ -8,7 +8,6 @@ before it is written.
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,6 +100,7 @@ def build_manifest(
     shards: dict[str, dict[str, Any]],
     started: datetime,
     broken: dict[str, str],
+    run_id: str,
 ) -> dict[str, Any]:
     """The manifest of the corpus as it stands: every committed shard, including earlier runs'."""
     recipe = plan.recipe
@@ -110,7 +110,7 @@ def build_manifest(
     failures = _failures(ordered)
     return {
         "schema_version": SCHEMA_VERSION,
-        "run_id": uuid.uuid4().hex,
+        "run_id": run_id,
         "augpipe_version": augpipe.__version__,
         "recipe": recipe.name,
         "config": recipe.model_dump(mode="json"),

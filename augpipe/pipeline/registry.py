@@ -40,6 +40,10 @@ def build_stage(entry: StageEntry, context: StageContext) -> Stage:
         known = list(cls.Settings.model_fields)
         raise ConfigError(describe_validation_error(exc, f"stages.{entry.name}", known)) from exc
     try:
-        return cls(settings, context)
+        stage = cls(settings, context)
     except ValueError as exc:
         raise ConfigError(f"stages.{entry.name}: {exc}") from exc
+    # The recipe's name for this step (e.g. embed_image beside embed_text, both of type embed) keys its
+    # lineage, seeds, cache, stats and manifest entries, so two steps of one type never collide.
+    stage.name = entry.name
+    return stage

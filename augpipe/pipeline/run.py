@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,14 +68,15 @@ def run_recipe(
         seen = _previously_seen(out_dir)
         todo = [u for u in todo if str(u.path) not in seen]
     started = datetime.now(UTC)
+    run_id = uuid.uuid4().hex
     state = RunState(total=len(done), done=done)
     if todo:
         started_ray = init_ray(address)
         try:
-            state = Executor(plan, out_dir, progress=progress).run(todo, done, units)
+            state = Executor(plan, out_dir, run_id, progress=progress).run(todo, done, units)
         finally:
             if started_ray:
                 ray.shutdown()
-    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken)
+    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken, run_id)
     path = write_manifest(out_dir, manifest)
     return RunResult(manifest=manifest, manifest_path=path, max_failure_rate=max_failure_rate)

@@ -201,7 +201,7 @@ class Stage:
 
     def describe(self) -> dict[str, Any]:
         """Stage identity for lineage and the manifest: name, backend, model id and revision."""
-        info: dict[str, Any] = {"stage": self.name}
+        info: dict[str, Any] = {"stage": self.name, "type": type(self).name}
         if self.backend is not None:
             info.update(self.backend.describe())
         return info

@@ -83,7 +83,7 @@ def project_rows(rows: list[Row], fields: list[str]) -> dict[str, list[Any]]:
     return {name: [row.get(name) for row in rows] for name in ["key", *fields]}
 
 
-def read_source(unit: InputUnit, recipe: Recipe) -> tuple[list[Row], History]:
+def read_source(unit: InputUnit, recipe: Recipe, run_id: str) -> tuple[list[Row], History]:
     """Decode an input unit; bad samples become failures of the ``read`` stage."""
     started = time.perf_counter()
     result = read_unit(unit, recipe.input, recipe.limits)
@@ -97,6 +97,7 @@ def read_source(unit: InputUnit, recipe: Recipe) -> tuple[list[Row], History]:
             "counts": dict(result.counts),
             "wall_s": time.perf_counter() - started,
             "device": "cpu",
+            "run_id": run_id,
             "reused": False,
         }
     )
@@ -104,12 +105,12 @@ def read_source(unit: InputUnit, recipe: Recipe) -> tuple[list[Row], History]:
     return result.rows, history
 
 
-def read_cached(parquet: Path, history_file: Path) -> tuple[list[Row], History]:
-    """A stage output saved by an earlier run; its stages are marked as reused."""
+def read_cached(parquet: Path, history_file: Path, run_id: str) -> tuple[list[Row], History]:
+    """A saved stage output; stages an earlier run computed are marked reused (this run's own are not)."""
     rows = table_to_rows(pq.read_table(parquet))
     history = json.loads(history_file.read_text())
     for stage in history["stages"]:
-        stage["reused"] = True
+        stage["reused"] = stage.get("run_id") != run_id
     return rows, history
 
 
@@ -143,6 +144,7 @@ class StageRunner:
         context: StageContext,
         chain_fp: str,
         out_dir: str,
+        run_id: str,
         always_cache: bool = False,
         fitted: str | None = None,
     ) -> None:
@@ -154,6 +156,7 @@ class StageRunner:
         self.chain_fp = chain_fp
         self.out_dir = Path(out_dir)
         self.always_cache = always_cache
+        self.run_id = run_id
 
     def _run_batch(self, batch: list[Row]) -> tuple[list[Row], list[Failure]]:
         try:
@@ -193,6 +196,7 @@ class StageRunner:
                 "counts": dict(self.stage.stats),
                 "wall_s": time.perf_counter() - started,
                 "device": self.stage.device,
+                "run_id": self.run_id,
                 "reused": False,
             }
         )

@@ -1,0 +1,368 @@
+"""interpolate: CMDA generation, offline. Each teacher anchor gets ``multiple`` new student-space samples.
+
+METHODS §2.1–2.2 and its offline driver, through ``augpipe.methods.cmda.iter_offline_batches``: pass
+p = 0 … k−1 draws a seeded permutation of the pool's rows and cuts it into pools of ``pool_size`` (128,
+the paper's mini-batch), or with ``pool: cluster`` into same-cluster pools; in each pool the weights are
+
+  A_ij = |cos(t_i, ẑ_j)| (teacher latent of anchor i, student latent of member j),
+  ``rownorm`` (default, = ``rownorm_cra``): A_ii := 1, A_ij ·= 1[c_i = c_j], W_ij = A_ij / Σ_k A_ik;
+  ``reference_cra``: the same with the reference's broadcast bug (rows do not sum to 1);
+  ``reference_cma``: what the reference actually runs, no cluster mask, the broadcast bug;
+
+and the new sample is x_new,i = Σ_j W_ij x̂_j over the raw student samples x̂. Pass p gives variant
+(p,), so the output keys are ``KEY-<tag>-p``.
+
+Students:
+
+- ``image``: x̂ are pixels. Every image of the shard is first brought to one size (``image_size`` square,
+  or by default the size of the shard's first image in key order): scaled to cover it, centre-cropped,
+  bicubic. The weighted sum is clipped to 0..255 and written as ``generated_image`` (PIL RGB).
+- ``text``: raw sentences cannot be interpolated; as in the reference, whose "raw" text is a
+  bert-as-service sentence vector, x̂ is a frozen sentence embedding (``student_field``, default
+  ``text_embedding``) and the output is ``generated_text_embedding`` (float32, not re-normalised).
+
+The latents come from ``latent_space`` (``student_latent``/``teacher_latent``); when both embeddings come
+from one joint model (CLIP), skip that stage and set ``student_latent: image_embedding`` and
+``teacher_latent: text_embedding``. Cluster ids come from ``cluster`` (``cluster_field``); set it to
+null to run without the DCA mask (one cluster).
+
+Labels (§2.2-j): the output inherits the anchor's label; ``soft_label: true`` adds ỹ_i = Σ_j W_ij
+onehot(y_j), renormalised over the labelled contributors, as a JSON object {label: weight}.
+
+**The pool is drawn within a shard.** Shards are the engine's unit of work, caching and resume: a pool
+that spanned shards would tie every output shard to the whole corpus, so a crash or an incremental
+run would recompute everything. The paper's pool is a shuffled mini-batch of 128; when the shard is a
+random sample of the corpus (WebDataset and img2dataset shards are shuffled) a random subset of a shard
+is a random subset of the corpus, so the per-shard pool is the paper's per-mini-batch pool. On a shard
+sorted by class the pools are too. The stage therefore takes a whole shard per call (``batch_size``
+1,000,000: keep the execution batch at least the shard size). The permutation seed derives from the
+run seed and the shard's keys, so a resumed shard reproduces its outputs. The last pool of a pass may
+be smaller than ``pool_size`` (a lone anchor reproduces itself; counted as ``singleton_pools``). A
+shard of at most ``pool_size`` rows (or, with ``pool: cluster``, a cluster that small) is one pool in
+every pass, so an anchor's k outputs are the same image: the paper's pool assumes a corpus much larger
+than 128. Such outputs are counted as ``repeated_pool_outputs``; lower ``pool_size`` for small shards.
+
+Lineage per output: anchor key, contributing keys with their weights, weight_sum, the anchor's cluster
+and M (from ``cluster``'s lineage), mode, pool, pool size, pass, pool index, permutation seed, image
+size; the embedding models' ids are already in the row's lineage from ``embed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import Field, field_validator, model_validator
+
+from augpipe.methods.cmda import iter_offline_batches, resolve_mode, soft_labels
+from augpipe.pipeline.rows import Failure, Row, derive_seed, fan_out, record
+from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.stages.embed import check_field_name
+
+WHOLE_SHARD = 1_000_000
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers shared with the mixup baselines
+# ----------------------------------------------------------------------------------------------------
+
+
+def row_ident(row: Row) -> str:
+    """How lineage names a row: its key, plus its variant when an earlier stage fanned out."""
+    variant = row.get("variant", ())
+    return row["key"] if not variant else f"{row['key']}:{'-'.join(map(str, variant))}"
+
+
+def shard_seed(run_seed: int, rows: Sequence[Row], stage: str) -> int:
+    """A seed for work on a whole shard, from the run seed and the shard's row identities (order-free)."""
+    digest = hashlib.sha256("\n".join(sorted(row_ident(r) for r in rows)).encode()).hexdigest()[:16]
+    return derive_seed(run_seed, f"shard:{digest}", stage)
+
+
+def sorted_rows(rows: Sequence[Row]) -> list[Row]:
+    """Rows in a canonical order (key, variant), so outputs do not depend on the order rows arrive in."""
+    return sorted(rows, key=lambda r: (r["key"], tuple(r.get("variant", ()))))
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` scaled (bicubic) to cover ``size`` = (width, height), then centre-cropped to it."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if image.size == size:
+        return image
+    w, h = size
+    scale = max(w / image.width, h / image.height)
+    nw, nh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+    resized = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return resized.crop((left, top, left + w, top + h))
+
+
+def to_image(pixels: np.ndarray) -> Image.Image:
+    """A float H×W×3 array as a PIL RGB image, rounded and clipped to 0..255."""
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def is_image(value: Any) -> bool:
+    return isinstance(value, Image.Image)
+
+
+def as_vector(value: Any) -> np.ndarray | None:
+    """A finite 1-D float32 vector, or None when the value is missing, empty or not finite."""
+    if value is None or isinstance(value, str | bytes | dict) or is_image(value):
+        return None
+    try:
+        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    return vector if vector.size and np.isfinite(vector).all() else None
+
+
+def class_index(rows: Sequence[Row]) -> tuple[list[str], np.ndarray]:
+    """Sorted class names (labels as strings) and each row's class index, −1 for an unlabelled row."""
+    classes = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
+    lookup = {c: i for i, c in enumerate(classes)}
+    idx = np.array([lookup[str(r["label"])] if r.get("label") is not None else -1 for r in rows], np.int64)
+    return classes, idx
+
+
+def soft_label_json(weights: np.ndarray, classes: Sequence[str]) -> str | None:
+    """{label: weight} of the non-zero classes as a JSON string (sorted keys); None when all are zero."""
+    if not np.any(weights > 0):
+        return None
+    return json.dumps({classes[c]: float(weights[c]) for c in np.flatnonzero(weights > 0)}, sort_keys=True)
+
+
+def missing(row: Row, stage: str, message: str) -> Failure:
+    return Failure(row["key"], stage, "missing_field", message, tuple(row.get("variant", ())))
+
+
+def multiple_fingerprint(stage: Stage) -> str:
+    """A stage's fingerprint extended with the fan-out k, for stages whose output count is k."""
+    base = Stage.fingerprint(stage)
+    return hashlib.sha256(f"{base}|multiple={stage.context.multiple}".encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------------
+
+
+class InterpolateSettings(StageSettings):
+    student: Literal["image", "text"] = Field(default="image", description="modality whose samples are mixed")
+    teacher: Literal["image", "text"] = Field(default="text", description="modality whose latents weigh")
+    student_latent: str = Field(default="student_latent", description="ẑ: the student's common-space latent")
+    teacher_latent: str = Field(default="teacher_latent", description="t: the teacher's common-space latent")
+    student_field: str | None = Field(
+        default=None, description="raw student samples x̂; default image, or text_embedding for text"
+    )
+    output: str | None = Field(
+        default=None, description="default generated_image / generated_<student_field>"
+    )
+    cluster_field: str | None = Field(
+        default="cluster", description="cluster ids for the DCA mask; null: none"
+    )
+    weight_mode: Literal["rownorm", "rownorm_cra", "reference_cra", "reference_cma"] = "rownorm"
+    pool: Literal["batch", "cluster"] = Field(
+        default="batch", description="mixed pools or same-cluster pools"
+    )
+    pool_size: int = Field(default=128, ge=1, description="samples per pool (the paper's mini-batch B)")
+    soft_label: bool = Field(default=False, description="also write soft_label, {label: weight} as JSON")
+    image_size: int | None = Field(
+        default=None, ge=8, description="square side for image students; default the shard's first image"
+    )
+
+    @field_validator("student_latent", "teacher_latent", "student_field", "output", "cluster_field")
+    @classmethod
+    def _field_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_field_name(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InterpolateSettings:
+        if self.student == self.teacher:
+            raise ValueError("student and teacher must be different modalities")
+        if self.student == "text" and self.student_field in {"text", "transcript"}:
+            raise ValueError(
+                "text students are mixed as sentence embeddings (sentences cannot be interpolated); "
+                "set student_field to an embedding field such as text_embedding"
+            )
+        if self.pool == "cluster" and (self.cluster_field is None or self.mode == "reference_cma"):
+            raise ValueError(
+                "pool: cluster needs cluster_field and a mode with the DCA mask (not reference_cma)"
+            )
+        return self
+
+    @property
+    def mode(self) -> str:
+        return resolve_mode(self.weight_mode)
+
+    @property
+    def raw_field(self) -> str:
+        return self.student_field or ("image" if self.student == "image" else "text_embedding")
+
+    @property
+    def output_field(self) -> str:
+        return self.output or (
+            "generated_image" if self.student == "image" else f"generated_{self.raw_field}"
+        )
+
+    @property
+    def uses_clusters(self) -> bool:
+        return self.cluster_field is not None and self.mode != "reference_cma"
+
+
+class Interpolate(Stage):
+    name: ClassVar[str] = "interpolate"
+    consumes: ClassVar[frozenset[str]] = frozenset({"student_latent", "teacher_latent", "image", "cluster"})
+    produces: ClassVar[frozenset[str]] = frozenset({"generated_image"})
+    Settings: ClassVar[type[StageSettings]] = InterpolateSettings
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
+    batch_size: ClassVar[int] = WHOLE_SHARD
+
+    settings: InterpolateSettings
+
+    def inputs(self) -> frozenset[str]:
+        s = self.settings
+        fields = {s.student_latent, s.teacher_latent, s.raw_field}
+        if s.uses_clusters:
+            fields.add(s.cluster_field)
+        return frozenset(fields)
+
+    def outputs(self) -> frozenset[str]:
+        s = self.settings
+        return frozenset({s.output_field, *(["soft_label"] if s.soft_label else [])})
+
+    def fingerprint(self) -> str:
+        return multiple_fingerprint(self)
+
+    def _check(self, row: Row, dims: dict[str, int]) -> str | None:
+        """Why ``row`` cannot join a pool, or None; fixes latent and vector dims from the first good row."""
+        s = self.settings
+        for field in (s.student_latent, s.teacher_latent):
+            vector = as_vector(row.get(field))
+            if vector is None:
+                return f"field {field!r} is missing or not a finite vector"
+            if dims.setdefault(field, vector.size) != vector.size:
+                return f"field {field!r} has {vector.size} values, the shard's others {dims[field]}"
+        raw = row.get(s.raw_field)
+        if s.student == "image":
+            if not is_image(raw):
+                return f"field {s.raw_field!r} is missing or not an image"
+        else:
+            vector = as_vector(raw)
+            if vector is None:
+                return f"field {s.raw_field!r} is missing or not a finite vector"
+            if dims.setdefault(s.raw_field, vector.size) != vector.size:
+                return (
+                    f"field {s.raw_field!r} has {vector.size} values, the shard's others {dims[s.raw_field]}"
+                )
+        if s.uses_clusters and not isinstance(row.get(s.cluster_field), int | np.integer):
+            return f"field {s.cluster_field!r} is missing or not an int cluster id"
+        return None
+
+    def _image_size(self, rows: Sequence[Row]) -> tuple[int, int]:
+        side = self.settings.image_size
+        if side is not None:
+            return side, side
+        return rows[0][self.settings.raw_field].size
+
+    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+        s = self.settings
+        failures: list[Row | Failure] = []
+        pool_rows: list[Row] = []
+        dims: dict[str, int] = {}
+        for row in sorted_rows(rows):
+            problem = self._check(row, dims)
+            if problem:
+                failures.append(missing(row, self.name, problem))
+            else:
+                pool_rows.append(row)
+        if not pool_rows:
+            return failures
+        n = len(pool_rows)
+        teacher = np.stack([as_vector(r[s.teacher_latent]) for r in pool_rows])
+        student = np.stack([as_vector(r[s.student_latent]) for r in pool_rows])
+        size: tuple[int, int] | None = None
+        if s.student == "image":
+            size = self._image_size(pool_rows)
+            pixels = np.stack([np.asarray(fit_image(r[s.raw_field], size)) for r in pool_rows])
+
+            def x_student(idx: np.ndarray) -> np.ndarray:
+                return pixels[idx].astype(np.float32)
+
+            raw: Any = x_student
+        else:
+            raw = np.stack([as_vector(r[s.raw_field]) for r in pool_rows])
+        clusters = np.array([int(r[s.cluster_field]) for r in pool_rows]) if s.uses_clusters else None
+        classes, class_idx = class_index(pool_rows) if s.soft_label else ([], np.zeros(0, np.int64))
+        seed = shard_seed(self.context.run_seed, pool_rows, self.name)
+        idents = [row_ident(r) for r in pool_rows]
+        info = {
+            "mode": s.mode,
+            "pool": s.pool,
+            "pool_size": s.pool_size,
+            "permutation_seed": seed,
+            "student": s.student,
+            "teacher": s.teacher,
+            "latents": [s.student_latent, s.teacher_latent],
+            "label_policy": "anchor" + ("+soft" if s.soft_label else ""),
+            **({"image_size": list(size)} if size is not None else {}),
+        }
+        outputs: dict[tuple[int, int], Row] = {}
+        seen_pools: set[frozenset[int]] = set()
+        batches = iter_offline_batches(
+            n,
+            teacher=teacher,
+            student=student,
+            x_student=raw,
+            cluster_labels=clusters,
+            passes=self.context.multiple,
+            batch_size=s.pool_size,
+            seed=seed,
+            mode=s.mode,
+            pool=s.pool,
+        )
+        for batch in batches:
+            self.stats["pools"] += 1
+            self.stats["singleton_pools"] += int(len(batch.indices) == 1)
+            pool_ids = frozenset(batch.indices.tolist())
+            if pool_ids in seen_pools:  # an earlier pass drew this very pool: its outputs repeat
+                self.stats["repeated_pool_outputs"] += len(pool_ids)
+            seen_pools.add(pool_ids)
+            soft = None
+            if s.soft_label:
+                members = class_idx[batch.indices]
+                labelled = members >= 0
+                soft = np.zeros((len(batch.indices), len(classes)), dtype=batch.weights.dtype)
+                if labelled.any():
+                    soft = soft_labels(batch.weights[:, labelled], members[labelled], len(classes))
+            for r, anchor in enumerate(batch.anchors()):
+                source = pool_rows[anchor.anchor]
+                child = fan_out(source, anchor.pass_index)
+                if s.student == "image":
+                    child[s.output_field] = to_image(anchor.x_new)
+                else:
+                    child[s.output_field] = np.asarray(anchor.x_new, dtype=np.float32)
+                if soft is not None:
+                    child["soft_label"] = soft_label_json(soft[r], classes)
+                # M only where the DCA mask was applied: reference_cma or no cluster_field ignore clusters.
+                cluster_info = source.get("lineage", {}).get("cluster", {}) if clusters is not None else {}
+                record(
+                    child,
+                    self.name,
+                    anchor=idents[anchor.anchor],
+                    contributors=[idents[j] for j in anchor.contributors],
+                    weights=[float(w) for w in anchor.weights],
+                    weight_sum=anchor.weight_sum,
+                    cluster=None if clusters is None else int(clusters[anchor.anchor]),
+                    m=cluster_info.get("m"),
+                    pass_index=anchor.pass_index,
+                    pool_index=anchor.batch_index,
+                    pool_members=len(batch.indices),
+                    **info,
+                )
+                outputs[(anchor.anchor, anchor.pass_index)] = child
+        self.stats["generated"] += len(outputs)
+        return [*(outputs[k] for k in sorted(outputs)), *failures]

@@ -1,0 +1,409 @@
+"""latent_space (global): CMDA's common latent space, learned offline from frozen per-modality features.
+
+METHODS §2.2-a. Two projection heads, g_s for the student modality's features (e.g. ``image_embedding``,
+EfficientNet-Lite0 1280-d) and g_t for the teacher's (e.g. ``text_embedding``, MiniLM 384-d), map into
+one ``dim``-d space. They are trained once over the whole corpus ("100 epochs ahead of time", P) and
+then frozen; ``process_batch`` only projects.
+
+The loss is the reference code's well-posed form, not the paper's Eq. 7 (whose denominator leaves out
+the positive, so it can go negative): SupCon/SimCLR (``losses.py``, ``contrast_mode="all"``) applied to
+the stacked pair ``[g_s(x̂_i), g_t(x_i^t)]`` of L2-normalised projections, with τ = 0.5 and base
+temperature 0.07, so the loss is scaled by τ/0.07. Every one of the 2B embeddings of a batch is in the
+denominator (the positive and same-modality negatives included). Unsupervised, the only positive of
+an embedding is its pair's other modality (Eq. 7's intent); supervised, every same-class embedding of
+either modality is a positive, averaged (Eq. 8's intent). ``supervised: auto`` trains supervised when
+every row has a label.
+
+Each input feature is first standardised with the corpus mean and std (``standardize``, on by default,
+as SSD standardises features; saved with the heads): L2-normalised 1280-d features have coordinates of
+about 0.03, so without it a freshly initialised head's output is dominated by its biases, every sample
+maps to nearly the same latent, and the |cos| weights of ``interpolate`` come out uniform.
+
+Optimiser as P and R: SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine-annealed to lr/100, batch
+128 (``optimizer: adam`` is the alternative). The heads are small MLPs (Linear → ReLU → Linear;
+``hidden: 0`` makes them linear), initialised and shuffled from ``seed`` (default: derived from the run
+seed), so a fit is reproducible on CPU.
+
+Artifacts (no pickle): ``heads.safetensors`` (tensors ``student.*``, ``teacher.*`` and the input
+standardisation ``scaler.<side>.mean|std``) and ``latent_space.json`` (format version, the settings
+that shape the heads, input dims, per-epoch loss).
+When the embeddings already share a space (both from one CLIP model), leave this stage out and point
+``interpolate``'s ``student_latent``/``teacher_latent`` at the embedding fields instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from augpipe.pipeline.rows import Failure, Row, derive_seed, record
+from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.stages.embed import check_field_name
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "heads.safetensors"
+STATE_FILE = "latent_space.json"
+SHAPE_SETTINGS = ("student", "teacher", "dim", "hidden", "standardize")
+
+
+class LatentSpaceSettings(StageSettings):
+    student: str = Field(default="image_embedding", description="student modality's frozen feature field")
+    teacher: str = Field(default="text_embedding", description="teacher modality's frozen feature field")
+    student_output: str = Field(default="student_latent", description="field for g_s(student)")
+    teacher_output: str = Field(default="teacher_latent", description="field for g_t(teacher)")
+    dim: int = Field(default=128, ge=2, description="common latent dimension (P: 128)")
+    hidden: int = Field(default=512, ge=0, description="hidden width of each head; 0 = linear head")
+    temperature: float = Field(default=0.5, gt=0, description="SupCon τ (R: 0.5)")
+    base_temperature: float = Field(default=0.07, gt=0, description="SupCon base τ; loss × τ/base")
+    epochs: int = Field(default=100, ge=1, description="training epochs over the corpus (P: 100)")
+    lr: float = Field(default=0.01, gt=0, description="learning rate (P: SGD 0.01)")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    train_batch_size: int = Field(default=128, ge=2, description="pairs per training step (P: 128)")
+    seed: int | None = Field(default=None, description="init and shuffling seed; default from the run seed")
+    supervised: bool | Literal["auto"] = Field(
+        default="auto", description="Eq. 8 (same-label positives); auto: when every row has a label"
+    )
+    label_field: str = "label"
+    standardize: bool = Field(
+        default=True, description="z-score each input feature with the corpus mean and std before the head"
+    )
+
+    @field_validator("student", "teacher", "student_output", "teacher_output", "label_field")
+    @classmethod
+    def _field_name(cls, value: str) -> str:
+        return check_field_name(value)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LatentSpaceSettings:
+        if self.student == self.teacher:
+            raise ValueError("student and teacher must be different fields")
+        if self.student_output == self.teacher_output:
+            raise ValueError("student_output and teacher_output must differ")
+        return self
+
+
+def supcon_loss(
+    features: Any, labels: Any | None = None, *, temperature: float = 0.5, base_temperature: float = 0.07
+) -> Any:
+    """SupCon (``losses.py``, contrast_mode "all") on ``features`` (B, views, d), rows L2-normalised.
+
+    ``labels`` None is SimCLR: the positives of view v of sample i are its other views. With labels,
+    every view of every same-label sample is a positive. Self-contrast is masked out; the denominator
+    holds all other B·views − 1 embeddings. Every anchor has a positive (its other view), so the mean
+    over positives is always defined.
+    """
+    import torch
+
+    batch, views = features.shape[0], features.shape[1]
+    if labels is None:
+        mask = torch.eye(batch, dtype=features.dtype, device=features.device)
+    else:
+        labels = labels.reshape(-1, 1)
+        mask = (labels == labels.T).to(features.dtype)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    mask = mask.repeat(views, views)
+    not_self = 1.0 - torch.eye(batch * views, dtype=features.dtype, device=features.device)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(dim=1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(dim=1) / mask.sum(dim=1)
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def _head(in_dim: int, hidden: int, dim: int) -> Any:
+    from torch import nn
+
+    if hidden == 0:
+        return nn.Linear(in_dim, dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+def _scaler(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per feature; identity when off. A constant feature keeps std 1 (it is only centred)."""
+    if not standardize:
+        return np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    std = x.std(axis=0)
+    return x.mean(axis=0).astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
+
+
+def _stack(values: list[Any]) -> np.ndarray:
+    return np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]).astype(np.float32)
+
+
+class LatentSpace(Stage):
+    name: ClassVar[str] = "latent_space"
+    consumes: ClassVar[frozenset[str]] = frozenset({"image_embedding", "text_embedding"})
+    produces: ClassVar[frozenset[str]] = frozenset({"student_latent", "teacher_latent"})
+    Settings: ClassVar[type[StageSettings]] = LatentSpaceSettings
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
+    batch_size: ClassVar[int] = 4096
+    cacheable: ClassVar[bool] = False
+    needs_fit: ClassVar[bool] = True
+
+    settings: LatentSpaceSettings
+
+    def __init__(self, settings: StageSettings, context: Any) -> None:
+        super().__init__(settings, context)
+        self.heads: dict[str, Any] | None = None
+        self.scalers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.fitted: dict[str, Any] = {}
+
+    def inputs(self) -> frozenset[str]:
+        return frozenset({self.settings.student, self.settings.teacher})
+
+    def outputs(self) -> frozenset[str]:
+        return frozenset({self.settings.student_output, self.settings.teacher_output})
+
+    def fit_fields(self) -> frozenset[str]:
+        extra = {self.settings.label_field} if self.settings.supervised is not False else set()
+        return self.inputs() | extra
+
+    @property
+    def seed(self) -> int:
+        s = self.settings.seed
+        return s if s is not None else derive_seed(self.context.run_seed, "corpus", self.name)
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def _labels(self, values: list[Any]) -> np.ndarray | None:
+        present = all(v is not None for v in values)
+        if self.settings.supervised is True and not present:
+            raise ValueError(f"supervised: true, but some rows have no {self.settings.label_field!r}")
+        if self.settings.supervised is False or not present:
+            return None
+        classes = {c: i for i, c in enumerate(sorted({str(v) for v in values}))}
+        return np.array([classes[str(v)] for v in values], dtype=np.int64)
+
+    def _loss_over(self, xs: Any, xt: Any, labels: Any, order: Any) -> float:
+        """Mean per-batch loss over the corpus in ``order`` (no gradients), batch-size weighted."""
+        import torch
+
+        s = self.settings
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(order), s.train_batch_size):
+                idx = order[start : start + s.train_batch_size]
+                if len(idx) < 2:
+                    continue
+                loss = self._batch_loss(xs, xt, labels, idx)
+                total += float(loss) * len(idx)
+                count += len(idx)
+        return total / max(count, 1)
+
+    def _batch_loss(self, xs: Any, xt: Any, labels: Any, idx: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        assert self.heads is not None
+        zs = F.normalize(self.heads["student"](xs[idx]), dim=1)
+        zt = F.normalize(self.heads["teacher"](xt[idx]), dim=1)
+        s = self.settings
+        return supcon_loss(
+            torch.stack([zs, zt], dim=1),
+            None if labels is None else labels[idx],
+            temperature=s.temperature,
+            base_temperature=s.base_temperature,
+        )
+
+    def fit(self, columns: dict[str, list[Any]], artifact_dir: Path) -> dict[str, Any]:
+        """Train both heads on every row that has both features; save them; return the loss summary."""
+        import torch
+
+        s = self.settings
+        keep = [
+            i
+            for i, (a, b) in enumerate(zip(columns[s.student], columns[s.teacher], strict=True))
+            if a is not None and b is not None
+        ]
+        if len(keep) < 2:
+            raise ValueError(f"latent_space needs at least 2 rows with {s.student} and {s.teacher}")
+        raw = {
+            "student": _stack([columns[s.student][i] for i in keep]),
+            "teacher": _stack([columns[s.teacher][i] for i in keep]),
+        }
+        self.scalers = {side: _scaler(x, s.standardize) for side, x in raw.items()}
+        xs_np, xt_np = (self._scaled(side, raw[side]) for side in ("student", "teacher"))
+        label_values = columns.get(s.label_field, [None] * len(columns[s.student]))
+        labels_np = self._labels([label_values[i] for i in keep])
+        seed = self.seed
+        device = self.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % 2**63)
+            self.heads = {
+                "student": _head(xs_np.shape[1], s.hidden, s.dim).to(device),
+                "teacher": _head(xt_np.shape[1], s.hidden, s.dim).to(device),
+            }
+        xs = torch.from_numpy(xs_np).to(device)
+        xt = torch.from_numpy(xt_np).to(device)
+        labels = None if labels_np is None else torch.from_numpy(labels_np).to(device)
+        params = [p for head in self.heads.values() for p in head.parameters()]
+        if s.optimizer == "sgd":
+            opt: Any = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        steps_per_epoch = max(
+            1, sum(1 for a in range(0, len(keep), s.train_batch_size) if len(keep) - a >= 2)
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=s.epochs * steps_per_epoch, eta_min=s.lr / 100
+        )
+        gen = torch.Generator().manual_seed(seed % 2**63)
+        identity = torch.arange(len(keep), device=device)
+        initial = self._loss_over(xs, xt, labels, identity)
+        epoch_losses = []
+        for _ in range(s.epochs):
+            order = torch.randperm(len(keep), generator=gen)
+            total, count = 0.0, 0
+            for start in range(0, len(keep), s.train_batch_size):
+                idx = order[start : start + s.train_batch_size].to(device)
+                if len(idx) < 2:  # a lone pair has no negative: its loss is 0 and teaches nothing
+                    continue
+                loss = self._batch_loss(xs, xt, labels, idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            epoch_losses.append(total / max(count, 1))
+        for head in self.heads.values():
+            head.eval()
+        final = self._loss_over(xs, xt, labels, identity)
+        summary = {
+            "rows": len(keep),
+            "skipped_rows": len(columns[s.student]) - len(keep),
+            "student": s.student,
+            "teacher": s.teacher,
+            "student_dim": int(xs_np.shape[1]),
+            "teacher_dim": int(xt_np.shape[1]),
+            "dim": s.dim,
+            "epochs": s.epochs,
+            "supervised": labels_np is not None,
+            "classes": None if labels_np is None else int(labels_np.max() + 1),
+            "seed": seed,
+            "initial_loss": initial,
+            "final_loss": final,
+        }
+        self._save(artifact_dir, summary, epoch_losses)
+        self.fitted = summary
+        return summary
+
+    def _scaled(self, side: str, x: np.ndarray) -> np.ndarray:
+        mean, std = self.scalers[side]
+        return ((x - mean) / std).astype(np.float32)
+
+    def _shape(self) -> dict[str, Any]:
+        return {name: getattr(self.settings, name) for name in SHAPE_SETTINGS}
+
+    def _save(self, folder: Path, summary: dict[str, Any], epoch_losses: list[float]) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        assert self.heads is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{side}.{name}": tensor.detach().cpu().contiguous()
+            for side, head in self.heads.items()
+            for name, tensor in head.state_dict().items()
+        }
+        for side, (mean, std) in self.scalers.items():
+            tensors[f"scaler.{side}.mean"] = torch.from_numpy(np.ascontiguousarray(mean))
+            tensors[f"scaler.{side}.std"] = torch.from_numpy(np.ascontiguousarray(std))
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": str(FORMAT_VERSION)})
+        state = {
+            "format": FORMAT_VERSION,
+            "stage": self.name,
+            "shape": self._shape(),
+            "settings": self.settings.model_dump(mode="json", exclude=set(self.settings.EXECUTION_ONLY)),
+            "summary": summary,
+            "epoch_losses": epoch_losses,
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def load_fitted(self, artifact_dir: Path) -> None:
+        """Rebuild the heads from ``heads.safetensors``; refuse another format or another head shape."""
+        from safetensors.torch import load_file
+
+        state = json.loads((artifact_dir / STATE_FILE).read_text())
+        if state.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"{artifact_dir / STATE_FILE}: latent_space artifact format {state.get('format')!r}, "
+                f"this augpipe reads format {FORMAT_VERSION}; delete the folder to refit"
+            )
+        if state["shape"] != self._shape():
+            raise ValueError(f"{artifact_dir}: heads were fitted with {state['shape']}, not {self._shape()}")
+        summary = state["summary"]
+        tensors = load_file(str(artifact_dir / WEIGHTS_FILE))
+        s = self.settings
+        self.heads = {
+            "student": _head(summary["student_dim"], s.hidden, s.dim),
+            "teacher": _head(summary["teacher_dim"], s.hidden, s.dim),
+        }
+        for side, head in self.heads.items():
+            prefix = f"{side}."
+            head.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            head.to(self.device).eval()
+            self.scalers[side] = (
+                tensors[f"scaler.{side}.mean"].numpy(),
+                tensors[f"scaler.{side}.std"].numpy(),
+            )
+        self.fitted = summary
+
+    # ------------------------------------------------------------------------------------- process
+
+    def project(self, side: Literal["student", "teacher"], vectors: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 latents g(vectors) of one side."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.heads is None:
+            raise RuntimeError("latent_space has not been fitted: call fit() or load_fitted() first")
+        x = torch.from_numpy(self._scaled(side, np.asarray(vectors, dtype=np.float32))).to(self.device)
+        with torch.no_grad():
+            z = F.normalize(self.heads[side](x), dim=1)
+        return z.cpu().numpy().astype(np.float32)
+
+    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+        s = self.settings
+        if self.heads is None:
+            raise RuntimeError("latent_space has not been fitted: call fit() or load_fitted() first")
+        dims = {"student": self.fitted["student_dim"], "teacher": self.fitted["teacher_dim"]}
+        results: list[Row | Failure] = []
+        todo: list[Row] = []
+        for row in rows:
+            problem = None
+            for side, field in (("student", s.student), ("teacher", s.teacher)):
+                value = row.get(field)
+                if value is None:
+                    problem = f"field {field!r} is missing"
+                elif np.asarray(value).size != dims[side]:
+                    problem = (
+                        f"field {field!r} has {np.asarray(value).size} values; the heads take {dims[side]}"
+                    )
+                if problem:
+                    break
+            if problem:
+                results.append(
+                    Failure(row["key"], self.name, "missing_field", problem, tuple(row.get("variant", ())))
+                )
+            else:
+                todo.append(row)
+                results.append(row)
+        if not todo:
+            return results
+        zs = self.project("student", _stack([r[s.student] for r in todo]))
+        zt = self.project("teacher", _stack([r[s.teacher] for r in todo]))
+        info = {"dim": s.dim, "supervised": self.fitted.get("supervised"), "seed": self.fitted.get("seed")}
+        for row, a, b in zip(todo, zs, zt, strict=True):
+            row[s.student_output] = a
+            row[s.teacher_output] = b
+            record(row, self.name, **info)
+        self.stats["projected"] += len(todo)
+        return results
