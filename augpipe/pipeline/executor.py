@@ -61,6 +61,12 @@ class RunState:
     stage_wall: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
+    def count(self, stage: str, record: dict[str, Any]) -> None:
+        """Add one shard's record of ``stage`` to its progress, unless an earlier run computed it."""
+        if not record["reused"]:
+            self.stage_out[stage] = self.stage_out.get(stage, 0) + record["samples_out"]
+            self.stage_wall[stage] = self.stage_wall.get(stage, 0.0) + record["wall_s"]
+
 
 def is_done(out_dir: Path, unit: InputUnit, fingerprint: str) -> dict[str, Any] | None:
     """The shard's stats if it was committed by a run of the same configuration and its files exist."""
@@ -204,14 +210,14 @@ class Executor:
     def _chain(self, unit: InputUnit, end: int) -> tuple[Any, Any, dict[Any, tuple[str, int]]]:
         """Submit the shard's steps up to stage ``end`` (exclusive) from its deepest cache."""
         rows, history, first = self._start(unit, end)
-        watch = {history: (unit.shard_id, first - 1)}
+        watch: dict[Any, tuple[str, int]] = {}
         for index in range(first, end):
             method = self._actor(index).run.options(num_returns=2)
             rows, history = method.remote(unit.shard_id, rows, history)
             watch[history] = (unit.shard_id, index)
         return rows, history, watch
 
-    def _fit(self, index: int, units: list[InputUnit]) -> None:
+    def _fit(self, index: int, units: list[InputUnit], state: RunState) -> None:
         """Run everything before global stage ``index`` over the whole corpus, then fit it once."""
         folder = self._artifact(index)
         if read_fit(folder) is not None:
@@ -219,13 +225,16 @@ class Executor:
         stage, entry = self.plan.stages[index], self.plan.recipe.stages[index]
         fields = sorted(stage.fit_fields())
         columns: dict[str, list[Any]] = {name: [] for name in ["key", *fields]}
-        pending = []
+        pending, watched = [], {}
         for unit in units:
-            rows, _, _ = self._chain(unit, index)
+            rows, _, watch = self._chain(unit, index)
             pending.append(remote(project_rows, 1).remote(rows, fields))
+            watched.update(watch)
         for part in ray.get(pending):
             for name, values in part.items():
                 columns[name].extend(values)
+        for ref, (_, position) in watched.items():
+            state.count(self.plan.stages[position].name, ray.get(ref)["stages"][-1])
         if self.progress_enabled:
             print(f"augpipe: fitting {stage.name} on {len(columns['key'])} rows", file=sys.stderr, flush=True)
         r = self.resources[stage.name]
@@ -249,9 +258,8 @@ class Executor:
         self.resources = fit_resources(self.plan.stages)
         for index, stage in enumerate(self.plan.stages):
             if stage.needs_fit:
-                self._fit(index, corpus)
-        names = [s.name for s in self.plan.stages]
-        progress = Progress(state, names, self.progress_enabled)
+                self._fit(index, corpus, state)
+        progress = Progress(state, [s.name for s in self.plan.stages], self.progress_enabled)
         limit = max(2, sum(s.settings.concurrency for s in self.plan.stages) + 1)
         queue = list(units)
         watching: dict[Any, tuple[str, int]] = {}
@@ -274,15 +282,8 @@ class Executor:
                 if position == len(self.plan.stages):
                     state.done[shard_id] = result
                     in_flight -= 1
-                elif position >= 0:
-                    last = result["stages"][-1]
-                    if not last["reused"]:
-                        state.stage_out[names[position]] = (
-                            state.stage_out.get(names[position], 0) + last["samples_out"]
-                        )
-                        state.stage_wall[names[position]] = (
-                            state.stage_wall.get(names[position], 0.0) + last["wall_s"]
-                        )
+                else:
+                    state.count(self.plan.stages[position].name, result["stages"][-1])
             progress.update()
         return state
 
