@@ -57,6 +57,7 @@ class RunState:
     total: int
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
+    cluster: dict[str, Any] = field(default_factory=dict)
     stage_out: dict[str, int] = field(default_factory=dict)
     stage_wall: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -92,6 +93,17 @@ def init_ray(address: str | None) -> bool:
         runtime_env={"env_vars": env} if env else None,
     )
     return True
+
+
+def describe_cluster() -> dict[str, Any]:
+    """Where the run executed, for the manifest: the Ray address, nodes, CPUs and GPUs."""
+    resources = ray.cluster_resources()
+    return {
+        "address": ray.get_runtime_context().gcs_address,
+        "nodes": sum(1 for node in ray.nodes() if node["Alive"]),
+        "cpus": resources.get("CPU", 0.0),
+        "gpus": resources.get("GPU", 0.0),
+    }
 
 
 def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
@@ -254,7 +266,7 @@ class Executor:
         self, units: list[InputUnit], done: dict[str, dict[str, Any]], corpus: list[InputUnit]
     ) -> RunState:
         """Process ``units`` (the shards not yet done); global stages fit over the whole ``corpus``."""
-        state = RunState(total=len(units) + len(done), done=dict(done))
+        state = RunState(total=len(units) + len(done), done=dict(done), cluster=describe_cluster())
         self.resources = fit_resources(self.plan.stages)
         for index, stage in enumerate(self.plan.stages):
             if stage.needs_fit:

@@ -101,6 +101,7 @@ def build_manifest(
     started: datetime,
     broken: dict[str, str],
     run_id: str,
+    cluster: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest of the corpus as it stands: every committed shard, including earlier runs'."""
     recipe = plan.recipe
@@ -138,6 +139,7 @@ def build_manifest(
         "failures": failures,
         "artifacts": _artifacts(plan, out_dir),
         "incomplete_shards": broken,
+        "cluster": cluster,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
     }

@@ -77,6 +77,6 @@ def run_recipe(
         finally:
             if started_ray:
                 ray.shutdown()
-    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken, run_id)
+    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken, run_id, state.cluster)
     path = write_manifest(out_dir, manifest)
     return RunResult(manifest=manifest, manifest_path=path, max_failure_rate=max_failure_rate)
