@@ -75,6 +75,8 @@ class Backend:
         self.settings = settings
         self.context = context
         self.model: ResolvedModel | None = None
+        self.threads = 1
+        """CPU threads the model may use, from the stage's ``cpus``; set before ``load``."""
 
     @property
     def model_ref(self) -> str | None:
@@ -172,8 +174,11 @@ class Stage:
 
     def setup(self) -> None:
         """Load models once per worker."""
-        self.device = pick_device(self.settings, self.effective_resources().gpus)
+        resources = self.effective_resources()
+        self.device = pick_device(self.settings, resources.gpus)
         if self.backend is not None:
+            # Libraries default to every core; several stages share a machine, so each takes its share.
+            self.backend.threads = max(1, int(resources.cpus))
             self.backend.load(self.device)
 
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
@@ -198,6 +203,10 @@ class Stage:
     def load_fitted(self, artifact_dir: Path) -> None:
         """Load what ``fit`` saved; called in every worker after ``setup`` and before any batch."""
         raise NotImplementedError(f"stage {self.name} declares needs_fit but has no load_fitted()")
+
+    def fail(self, row: Row, cause: str, message: str) -> Failure:
+        """A Failure of this stage for ``row`` (its key and variant), for ``process_batch`` to return."""
+        return Failure(row["key"], self.name, cause, message, tuple(row.get("variant", ())))
 
     def describe(self) -> dict[str, Any]:
         """Stage identity for lineage and the manifest: name, backend, model id and revision."""
