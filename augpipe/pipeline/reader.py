@@ -12,7 +12,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,21 +190,31 @@ def _as_value(value: Any) -> Any:
     return np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
 
 
+def _admit(result: ReadResult, key: str, decode: Callable[[], Row], required: list[str]) -> None:
+    """Count a sample in and keep its row, or record why it cannot be used."""
+    result.counts["samples_in"] += 1
+    try:
+        row = decode()
+        _check_fields(row, required)
+    except SampleError as exc:
+        result.failures.append(Failure(key, READ_STAGE, exc.cause, str(exc)))
+        return
+    result.rows.append(row)
+
+
 def read_tar(unit: InputUnit, required: list[str], limits: Limits) -> ReadResult:
     result = ReadResult()
     extras = _sidecar_columns(unit)
+
+    def decode(key: str, members: dict[str, bytes]) -> Row:
+        row = decode_sample(key, members, limits)
+        for column, value in extras.get(key, {}).items():
+            row.setdefault(column, value)
+        return row
+
     with unit.path.open("rb") as stream:
         for key, members in _grouped_members(stream, result, unit.label):
-            result.counts["samples_in"] += 1
-            try:
-                row = decode_sample(key, members, limits)
-                for column, value in extras.get(key, {}).items():
-                    row.setdefault(column, value)
-                _check_fields(row, required)
-            except SampleError as exc:
-                result.failures.append(Failure(key, READ_STAGE, exc.cause, str(exc)))
-                continue
-            result.rows.append(row)
+            _admit(result, key, lambda k=key, m=members: decode(k, m), required)
     return result
 
 
@@ -215,25 +225,22 @@ def _read_table(unit: InputUnit) -> pa.Table:
 
 def read_tabular(unit: InputUnit, required: list[str], limits: Limits) -> ReadResult:
     result = ReadResult()
-    table = _read_table(unit)
-    for offset, record in enumerate(table.to_pylist()):
-        result.counts["samples_in"] += 1
+
+    def decode(key: str, record: dict[str, Any]) -> Row:
+        if not SAFE_KEY.match(key):
+            raise SampleError("unsafe_key", f"key {key!r} is not a safe sample key")
+        row: Row = {"key": key, "variant": (), "lineage": {}}
+        for column, value in record.items():
+            if value is None:
+                continue
+            if column == "text":
+                value = _decode_text(str(value).encode(), f"{unit.label} row {key}", limits)
+            row[column] = _as_value(value)
+        return row
+
+    for offset, record in enumerate(_read_table(unit).to_pylist()):
         key = str(record.pop("key", None) or f"row{unit.start + offset:09d}")
-        try:
-            if not SAFE_KEY.match(key):
-                raise SampleError("unsafe_key", f"key {key!r} is not a safe sample key")
-            row: Row = {"key": key, "variant": (), "lineage": {}}
-            for column, value in record.items():
-                if value is None:
-                    continue
-                if column == "text":
-                    value = _decode_text(str(value).encode(), f"{unit.label} row {key}", limits)
-                row[column] = _as_value(value)
-            _check_fields(row, required)
-        except SampleError as exc:
-            result.failures.append(Failure(key, READ_STAGE, exc.cause, str(exc)))
-            continue
-        result.rows.append(row)
+        _admit(result, key, lambda k=key, r=record: decode(k, r), required)
     return result
 
 
