@@ -1,4 +1,4 @@
-"""Test corpora written the way outsiders write them: webdataset for good shards, raw tarfile for hostile ones."""
+"""Test corpora written as outsiders write them: webdataset for good shards, raw tarfile for hostile ones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile and broken input: every bad sample is quarantined with its cause, nothing escapes, the run goes on."""
+"""Hostile and broken input: bad samples are quarantined with a cause, nothing escapes, the run goes on."""
 
 from __future__ import annotations
 
@@ -68,3 +68,32 @@ def test_run_quarantines_and_reports_failure_rate(hostile, tmp_path, ray_session
 
     strict = run_recipe(recipe, folder, tmp_path / "strict", max_failure_rate=0.05, progress=False)
     assert not strict.ok and strict.failure_rate > 0.05
+
+
+def test_tables_are_read_in_units_with_bad_rows_quarantined(tmp_path):
+    table = tmp_path / "sentences.csv"
+    table.write_text(
+        "key,text,label\n"
+        "ok1,A fine sentence.,1\n"
+        "../../up,Sneaky key.,0\n"
+        "blank,,1\n"
+        "ok2,Another fine sentence.,0\n"
+        ",A row with no key.,1\n"
+    )
+    units = discover_inputs(table, shard_size=2)
+    assert [(u.shard_id, u.start, u.stop) for u in units] == [
+        ("shard-00000", 0, 2),
+        ("shard-00001", 2, 4),
+        ("shard-00002", 4, 5),
+    ]
+    results = [read_unit(unit, ["text"], Limits()) for unit in units]
+    kept = [(row["key"], row["text"], row["label"]) for r in results for row in r.rows]
+    assert kept == [
+        ("ok1", "A fine sentence.", 1),
+        ("ok2", "Another fine sentence.", 0),
+        ("row000000004", "A row with no key.", 1),
+    ]
+    assert {(f.key, f.cause) for r in results for f in r.failures} == {
+        ("../../up", "unsafe_key"),
+        ("blank", "empty_text"),
+    }

@@ -19,7 +19,8 @@ def test_profile_and_set_override_reach_the_stage_settings():
 
 def test_unknown_option_is_named_with_a_suggestion():
     recipe = load_recipe("back-speech", profile="tiny", sets=["filter_paraphrase.max_edit_ration=0.3"])
-    with pytest.raises(ConfigError, match=r"stages\.filter_paraphrase: max_edit_ration.*did you mean 'max_edit_ratio'"):
+    expected = r"stages\.filter_paraphrase: max_edit_ration.*did you mean 'max_edit_ratio'"
+    with pytest.raises(ConfigError, match=expected):
         build_plan(recipe, check_models=False)
 
 
@@ -42,7 +43,8 @@ def test_set_values_are_yaml_scalars():
 def test_a_field_no_stage_produces_is_caught_before_models_load(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(
-        "name: broken\ntag: br\ninput: [text]\noutput: {text: transcript}\nstages:\n  - stage: filter_paraphrase\n"
+        "name: broken\ntag: br\ninput: [text]\noutput: {text: transcript}\n"
+        "stages:\n  - stage: filter_paraphrase\n"
     )
     with pytest.raises(ConfigError, match=r"filter_paraphrase needs \['transcript'\]"):
         build_plan(load_recipe(str(path), profile=None), check_models=False)
