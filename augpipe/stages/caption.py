@@ -402,12 +402,10 @@ class Caption(Stage):
             image = row.get(s.field)
             if image is None or not hasattr(image, "convert"):
                 results[i].append(
-                    Failure(
-                        key=row["key"],
-                        stage=self.name,
-                        cause="bad_input",
-                        message=f"field {s.field!r} is missing or not an image ({type(image).__name__})",
-                        variant=tuple(row.get("variant", ())),
+                    self.fail(
+                        row,
+                        "bad_input",
+                        f"field {s.field!r} is missing or not an image ({type(image).__name__})",
                     )
                 )
                 continue
@@ -427,12 +425,10 @@ class Caption(Stage):
             for j, (child, text, seed) in enumerate(zip(children, texts, row_seeds, strict=True)):
                 if not text:
                     results[i].append(
-                        Failure(
-                            key=child["key"],
-                            stage=self.name,
-                            cause="empty_caption",
-                            message=f"captioner returned an empty caption (variant {j}, seed {seed})",
-                            variant=tuple(child["variant"]),
+                        self.fail(
+                            child,
+                            "empty_caption",
+                            f"captioner returned an empty caption (variant {j}, seed {seed})",
                         )
                     )
                     continue

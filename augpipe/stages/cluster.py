@@ -210,15 +210,7 @@ class Cluster(Stage):
             value = row.get(s.cluster_on)
             if value is None or np.asarray(value).size != dim:
                 got = "missing" if value is None else f"{np.asarray(value).size} values, not {dim}"
-                results.append(
-                    Failure(
-                        row["key"],
-                        self.name,
-                        "missing_field",
-                        f"field {s.cluster_on!r} is {got}",
-                        tuple(row.get("variant", ())),
-                    )
-                )
+                results.append(self.fail(row, "missing_field", f"field {s.cluster_on!r} is {got}"))
             else:
                 todo.append(row)
                 results.append(row)

@@ -478,12 +478,10 @@ class Embed(Stage):
                 results.append(row)
             else:
                 results.append(
-                    Failure(
-                        key=row["key"],
-                        stage=self.name,
-                        cause="missing_field",
-                        message=f"field {field!r} is missing or not {kind} (got {type(value).__name__})",
-                        variant=tuple(row.get("variant", ())),
+                    self.fail(
+                        row,
+                        "missing_field",
+                        f"field {field!r} is missing or not {kind} (got {type(value).__name__})",
                     )
                 )
         if todo:

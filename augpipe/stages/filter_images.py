@@ -65,15 +65,7 @@ class FilterImages(Stage):
                     raise ValueError(f"row has no {s.field!r} field")
                 arr = image_checks.as_rgb_array(image)
             except (ValueError, TypeError, OSError) as exc:
-                out.append(
-                    Failure(
-                        key=row["key"],
-                        stage=self.name,
-                        cause="bad_input",
-                        message=str(exc),
-                        variant=tuple(row.get("variant", ())),
-                    )
-                )
+                out.append(self.fail(row, "bad_input", str(exc)))
                 continue
             scores = {
                 "score_mean_intensity": round(image_checks.mean_intensity(arr), 4),

@@ -53,12 +53,8 @@ class FilterParaphrase(Stage):
             source, candidate = prepare(row.get("text") or "", row.get("transcript") or "", s.normalize)
             if not source.strip():
                 out.append(
-                    Failure(
-                        key=row["key"],
-                        stage=self.name,
-                        cause="empty_text",
-                        message="source text is empty: no edit budget to judge a paraphrase by",
-                        variant=tuple(row.get("variant", ())),
+                    self.fail(
+                        row, "empty_text", "source text is empty: no edit budget to judge a paraphrase by"
                     )
                 )
                 continue

@@ -382,15 +382,7 @@ class GenerateImage(Stage):
             try:
                 prompt = self._prompt(row)
             except ValueError as exc:
-                results[i].append(
-                    Failure(
-                        key=row["key"],
-                        stage=self.name,
-                        cause="bad_input",
-                        message=str(exc),
-                        variant=tuple(row.get("variant", ())),
-                    )
-                )
+                results[i].append(self.fail(row, "bad_input", str(exc)))
                 continue
             for j in range(s.variants):
                 child = fan_out(row, j)

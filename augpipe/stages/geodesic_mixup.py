@@ -38,7 +38,6 @@ from augpipe.stages.embed import check_field_name
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,
-    missing,
     multiple_fingerprint,
     row_ident,
     shard_seed,
@@ -132,7 +131,7 @@ class GeodesicMixup(Stage):
         for row in sorted_rows(rows):
             vectors, problem = self._vectors(row, dims)
             if problem:
-                failures.append(missing(row, self.name, problem))
+                failures.append(self.fail(row, "missing_field", problem))
                 continue
             pool.append(row)
             for column, vector in zip(columns, vectors, strict=True):

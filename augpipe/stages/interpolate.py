@@ -135,10 +135,6 @@ def soft_label_json(weights: np.ndarray, classes: Sequence[str]) -> str | None:
     return json.dumps({classes[c]: float(weights[c]) for c in np.flatnonzero(weights > 0)}, sort_keys=True)
 
 
-def missing(row: Row, stage: str, message: str) -> Failure:
-    return Failure(row["key"], stage, "missing_field", message, tuple(row.get("variant", ())))
-
-
 def multiple_fingerprint(stage: Stage) -> str:
     """A stage's fingerprint extended with the fan-out k, for stages whose output count is k."""
     base = Stage.fingerprint(stage)
@@ -276,7 +272,7 @@ class Interpolate(Stage):
         for row in sorted_rows(rows):
             problem = self._check(row, dims)
             if problem:
-                failures.append(missing(row, self.name, problem))
+                failures.append(self.fail(row, "missing_field", problem))
             else:
                 pool_rows.append(row)
         if not pool_rows:

@@ -390,9 +390,7 @@ class LatentSpace(Stage):
                 if problem:
                     break
             if problem:
-                results.append(
-                    Failure(row["key"], self.name, "missing_field", problem, tuple(row.get("variant", ())))
-                )
+                results.append(self.fail(row, "missing_field", problem))
             else:
                 todo.append(row)
                 results.append(row)

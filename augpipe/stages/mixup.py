@@ -34,7 +34,6 @@ from augpipe.stages.interpolate import (
     class_index,
     fit_image,
     is_image,
-    missing,
     multiple_fingerprint,
     row_ident,
     shard_seed,
@@ -115,7 +114,9 @@ class Mixup(Stage):
                 pool.append(row)
             else:
                 kind = "an image" if image else f"a finite vector of the shard's size ({dim})"
-                failures.append(missing(row, self.name, f"field {s.field!r} is missing or not {kind}"))
+                failures.append(
+                    self.fail(row, "missing_field", f"field {s.field!r} is missing or not {kind}")
+                )
         if not pool:
             return failures
         classes, onehot, labelled = label_matrix(pool)

@@ -25,13 +25,12 @@ from augpipe.pipeline.stage import Resources, Stage, StageSettings
 MIN_SAMPLES = 64
 
 
-def read_audio(row: Row, stage: str) -> tuple[np.ndarray, int] | Failure:
-    """The row's audio as float32 mono and its sample rate, or a Failure naming what is wrong with it."""
-    variant = tuple(row.get("variant", ()))
+def read_audio(row: Row, stage: Stage) -> tuple[np.ndarray, int] | Failure:
+    """The row's audio as float32 mono and its sample rate, or a Failure of ``stage`` naming what is wrong."""
     audio, rate = row.get("audio"), row.get("sample_rate")
 
     def fail(cause: str, message: str) -> Failure:
-        return Failure(row["key"], stage, cause, message, variant)
+        return stage.fail(row, cause, message)
 
     if audio is None:
         return fail("empty_audio", "the row has no audio")
@@ -122,16 +121,14 @@ class PerturbAudio(Stage):
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
         out: list[Row | Failure] = []
         for row in rows:
-            read = read_audio(row, self.name)
+            read = read_audio(row, self)
             if isinstance(read, Failure):
                 out.append(read)
                 continue
             audio, sample_rate = read
             if audio.size < MIN_SAMPLES:
                 message = f"{audio.size} samples, fewer than the {MIN_SAMPLES} a phase vocoder needs"
-                out.append(
-                    Failure(row["key"], self.name, "audio_too_short", message, tuple(row.get("variant", ())))
-                )
+                out.append(self.fail(row, "audio_too_short", message))
                 continue
             for index in range(self.settings.variants):
                 child = fan_out(row, index)
@@ -147,9 +144,7 @@ class PerturbAudio(Stage):
                         )
                     except Exception as exc:
                         message = f"{type(exc).__name__}: {exc}"
-                        out.append(
-                            Failure(child["key"], self.name, "perturb_error", message, child["variant"])
-                        )
+                        out.append(self.fail(child, "perturb_error", message))
                         continue
                     self.stats["perturbed"] += 1
                     if gain != 1.0:

@@ -53,12 +53,8 @@ class ScoreSimilarity(Stage):
         return frozenset({self.settings.source_field, self.settings.candidate_field})
 
     def _failure(self, row: Row, field: str, value: Any) -> Failure:
-        return Failure(
-            key=row["key"],
-            stage=self.name,
-            cause="missing_field",
-            message=f"field {field!r} is missing or not a str (got {type(value).__name__})",
-            variant=tuple(row.get("variant", ())),
+        return self.fail(
+            row, "missing_field", f"field {field!r} is missing or not a str (got {type(value).__name__})"
         )
 
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:

@@ -136,9 +136,6 @@ class SpeechBackend(Backend):
     variant_speakers: ClassVar[tuple[str, ...]] = ()
     """Speakers that variants > 0 choose from when ``speakers`` is not configured."""
 
-    threads: int = 1
-    """CPU threads the engine may use, set by the stage from its ``cpus`` before ``load``."""
-
     def synthesize(self, texts: list[str], voicings: list[Voicing]) -> list[Synthesis | Exception]:
         raise NotImplementedError
 
@@ -678,10 +675,6 @@ class SynthesizeSpeech(Stage):
     settings: SynthesizeSpeechSettings
     backend: SpeechBackend
 
-    def setup(self) -> None:
-        self.backend.threads = max(1, int(self.effective_resources().cpus))
-        super().setup()
-
     def _voicing(self, child: Row, index: int) -> Voicing:
         s = self.settings
         seed = self.seed_for(child)
@@ -703,29 +696,27 @@ class SynthesizeSpeech(Stage):
         jobs: list[tuple[Row, int, str, Voicing]] = []
         for row in rows:
             text = row.get("text")
-            variant = tuple(row.get("variant", ()))
             if not isinstance(text, str) or not text.strip():
-                out.append(Failure(row["key"], self.name, "empty_text", "no text to speak", variant))
+                out.append(self.fail(row, "empty_text", "no text to speak"))
                 continue
             text = " ".join(text.split())
             if len(text) > s.max_chars:
                 message = f"{len(text)} characters, more than max_chars={s.max_chars}"
-                out.append(Failure(row["key"], self.name, "text_too_long", message, variant))
+                out.append(self.fail(row, "text_too_long", message))
                 continue
             for i in range(s.variants):
                 child = fan_out(row, i)
                 jobs.append((child, i, text, self._voicing(child, i)))
         results = self.backend.synthesize([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
         for (child, index, _, voicing), result in zip(jobs, results, strict=True):
-            variant = tuple(child["variant"])
             if isinstance(result, Exception):
                 message = f"{type(result).__name__}: {result}"
-                out.append(Failure(child["key"], self.name, "tts_error", message, variant))
+                out.append(self.fail(child, "tts_error", message))
                 continue
             audio = np.asarray(result.audio, dtype=np.float32).reshape(-1)
             if audio.size == 0 or not np.all(np.isfinite(audio)) or not np.any(audio):
                 message = f"the {self.backend.name} backend returned {audio.size} samples, none usable"
-                out.append(Failure(child["key"], self.name, "silent_output", message, variant))
+                out.append(self.fail(child, "silent_output", message))
                 continue
             child["audio"] = np.clip(audio, -1.0, 1.0)
             child["sample_rate"] = int(result.sample_rate)

@@ -89,7 +89,6 @@ class AsrBackend(Backend):
 
     def __init__(self, settings: TranscribeSettings, context: Any) -> None:
         super().__init__(settings, context)
-        self.threads = 1
         self.device = "cpu"
 
     def _transcribe(self, audios: list[np.ndarray], seeds: list[list[int]]) -> list[list[Hypothesis]]:
@@ -551,10 +550,6 @@ class Transcribe(Stage):
     settings: TranscribeSettings
     backend: AsrBackend
 
-    def setup(self) -> None:
-        self.backend.threads = max(1, int(self.effective_resources().cpus))
-        super().setup()
-
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
         import librosa
 
@@ -562,7 +557,7 @@ class Transcribe(Stage):
         out: list[Row | Failure] = []
         jobs: list[tuple[Row, np.ndarray, list[Row], list[int], bool]] = []
         for row in rows:
-            read = read_audio(row, self.name)
+            read = read_audio(row, self)
             if isinstance(read, Failure):
                 out.append(read)
                 continue
@@ -570,9 +565,7 @@ class Transcribe(Stage):
             duration = audio.size / rate
             if duration > s.max_seconds:
                 message = f"{duration:.1f} s of audio, more than max_seconds={s.max_seconds}"
-                out.append(
-                    Failure(row["key"], self.name, "audio_too_long", message, tuple(row.get("variant", ())))
-                )
+                out.append(self.fail(row, "audio_too_long", message))
                 continue
             if rate != ASR_RATE:
                 audio = librosa.resample(audio, orig_sr=rate, target_sr=ASR_RATE, res_type="soxr_hq")
@@ -592,9 +585,7 @@ class Transcribe(Stage):
         for (row, _, children, _, truncated), result in zip(jobs, results, strict=True):
             if isinstance(result, Exception):
                 message = f"{type(result).__name__}: {result}"
-                out.append(
-                    Failure(row["key"], self.name, "asr_error", message, tuple(row.get("variant", ())))
-                )
+                out.append(self.fail(row, "asr_error", message))
                 continue
             for index, (child, hyp) in enumerate(zip(children, result, strict=True)):
                 child["transcript"] = hyp.text
