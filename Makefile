@@ -22,10 +22,17 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP) -e ".[speech-extra,whisper,image,dev]"
 	touch $@
 
+AUGPIPE := $(VENV)/bin/augpipe
+
 demo: $(VENV)/.runtime
-	$(VENV)/bin/augpipe demo-data demo
-	$(VENV)/bin/augpipe run back-speech --input demo/text --output out/back-speech
-	$(VENV)/bin/augpipe inspect out/back-speech
+	$(AUGPIPE) demo-data demo
+	$(AUGPIPE) run back-speech --input demo/text --output out/back-speech
+	$(AUGPIPE) inspect out/back-speech
+	$(AUGPIPE) run cmda --input demo/images --output out/cmda \
+		--set interpolate.pool_size=4 --set cluster.pca_dims=8
+	$(AUGPIPE) inspect out/cmda --html out/cmda.html
+	$(AUGPIPE) run back-captioning --profile tiny --input demo/images --output out/back-captioning
+	$(AUGPIPE) inspect out/back-captioning
 
 test: $(VENV)/.dev
 	$(PY) -m pytest; rc=$$?; \

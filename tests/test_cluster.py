@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,28 +24,40 @@ def free_port() -> int:
 
 @pytest.fixture()
 def cluster():
+    """A Ray head in its own process group, stopped by signalling that group alone.
+
+    ``ray stop`` would stop every Ray on the machine, the test session's own instance included.
+    """
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(
+    head = subprocess.Popen(
         [
             ray,
             "start",
             "--head",
+            "--block",
             f"--port={port}",
             "--num-cpus=2",
             "--include-dashboard=false",
             "--node-ip-address=127.0.0.1",
             f"--temp-dir={temp_dir}",
         ],
-        check=True,
-        capture_output=True,
         env=env,
-        timeout=120,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
     yield f"127.0.0.1:{port}", env
-    subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

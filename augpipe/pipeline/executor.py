@@ -109,27 +109,48 @@ def describe_cluster() -> dict[str, Any]:
 def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
     """Each stage's resources, scaled so every actor fits the cluster beside the read and commit tasks.
 
-    A 2-core laptop cannot give five stages a CPU each; they still run, sharing the cores, instead of
-    waiting forever for CPUs that do not exist. GPUs are never invented: a stage that asks for one on a
-    cluster without one runs on CPU when its device is ``auto``, and fails when it is ``cuda``.
+    A 2-core laptop cannot give five stages a CPU each, nor its memory 8 GiB per diffusion worker; they
+    still run, sharing what there is, instead of waiting forever for resources that do not exist (Ray
+    would queue those actors silently). GPUs are never invented or oversubscribed: a stage that asks for
+    one on a cluster without any runs on CPU when its device is ``auto`` and fails when it is ``cuda``,
+    and GPU shares that add up to more than the cluster has fail with the numbers.
     """
     cluster = ray.cluster_resources()
-    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    gpus_total = cluster.get("GPU", 0.0)
     wanted = {s.name: s.effective_resources() for s in stages}
-    asked = sum(r.cpus * s.settings.concurrency for s, r in zip(stages, wanted.values(), strict=True))
-    budget = max(cpus - 2 * TASK_CPUS, 0.1)
-    scale = min(1.0, budget / asked) if asked else 1.0
-    fitted = {}
+    gpu = {name: r.gpus if gpus_total > 0 else 0.0 for name, r in wanted.items()}
     for stage in stages:
-        r = wanted[stage.name]
-        gpu = r.gpus
-        if gpu > 0 and gpus == 0:
+        if wanted[stage.name].gpus > 0 and gpus_total == 0:
             if stage.settings.device == "cuda":
                 raise RuntimeError(f"stage {stage.name} has device: cuda but the Ray cluster has no GPU")
             print(f"augpipe: no GPU in the cluster; {stage.name} runs on CPU", file=sys.stderr)
-            gpu = 0.0
-        fitted[stage.name] = Resources(cpus=round(r.cpus * scale, 3), gpus=gpu, memory_gb=r.memory_gb)
-    return fitted
+    gpus_asked = sum(gpu[s.name] * s.settings.concurrency for s in stages)
+    if gpus_asked > gpus_total + 1e-9:
+        shares = ", ".join(f"{s.name} {gpu[s.name]} x{s.settings.concurrency}" for s in stages if gpu[s.name])
+        raise RuntimeError(
+            f"stages ask for {gpus_asked:g} GPUs ({shares}) but the cluster has {gpus_total:g}; "
+            "lower their gpus: or concurrency: (e.g. --set caption.gpus=0.25)"
+        )
+
+    def scale(asked: float, available: float) -> float:
+        return min(1.0, available / asked) if asked > 0 else 1.0
+
+    cpu_scale = scale(
+        sum(wanted[s.name].cpus * s.settings.concurrency for s in stages),
+        max(cluster.get("CPU", 1.0) - 2 * TASK_CPUS, 0.1),
+    )
+    memory_scale = scale(
+        sum(wanted[s.name].memory_gb * s.settings.concurrency for s in stages) * 2**30,
+        0.8 * cluster.get("memory", float("inf")),
+    )
+    return {
+        s.name: Resources(
+            cpus=round(wanted[s.name].cpus * cpu_scale, 3),
+            gpus=gpu[s.name],
+            memory_gb=wanted[s.name].memory_gb * memory_scale,
+        )
+        for s in stages
+    }
 
 
 class Progress:

@@ -54,6 +54,11 @@ class ReadResult:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+def _reason(exc: Exception) -> str:
+    """A decoder's message without object addresses, so quarantine records are the same on every run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+
+
 def _decode_text(data: bytes, name: str, limits: Limits) -> str:
     if len(data) > limits.max_text_bytes:
         raise SampleError(
@@ -79,14 +84,14 @@ def _decode_image(data: bytes, name: str, limits: Limits) -> Image.Image:
     except SampleError:
         raise
     except Exception as exc:
-        raise SampleError("undecodable_image", f"{name} could not be decoded: {exc}") from exc
+        raise SampleError("undecodable_image", f"{name} could not be decoded: {_reason(exc)}") from exc
 
 
 def _decode_audio(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, int]:
     try:
         audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise SampleError("undecodable_audio", f"{name} could not be decoded: {exc}") from exc
+        raise SampleError("undecodable_audio", f"{name} could not be decoded: {_reason(exc)}") from exc
     if len(audio) / rate > limits.max_audio_seconds:
         raise SampleError("audio_too_long", f"{name} lasts {len(audio) / rate:.0f} s, over the limit")
     return audio.mean(axis=1), int(rate)

@@ -101,9 +101,9 @@ class Backend:
 
 def pick_device(settings: StageSettings, gpus: float) -> str:
     """CUDA only when the stage was given a GPU share (or asked for CUDA) and one is visible."""
-    if settings.device == "cpu":
+    if settings.device == "cpu" or (settings.device == "auto" and gpus == 0):
         return "cpu"
-    import torch
+    import torch  # only stages that may use a GPU pay for importing torch
 
     if settings.device == "cuda":
         if not torch.cuda.is_available():
