@@ -100,7 +100,8 @@ def main() -> None:
             f"{n} sentences in {args.shards} shards, {os.cpu_count()} CPUs; models: piper joe-medium, "
             "faster-whisper tiny.en int8"
         )
-        busiest = max(v["wall_s"] for k, v in like["stages"].items() if k != "read")
+        workers = {e["name"]: e["options"].get("concurrency", 1) for e in like["config"]["stages"]}
+        busiest = max(v["wall_s"] / workers.get(k, 1) for k, v in like["stages"].items() if k != "read")
         print(
             f"plain loop (TTS+ASR, 1 at a time)  : {loop_s:6.1f} s  {n / loop_s:5.2f} sentences/s "
             f"({n / (loop_s + load_s):5.2f}/s with its {load_s:.1f} s of imports and model loading); "
@@ -112,7 +113,7 @@ def main() -> None:
             f"its loading, {loop_s / like_s:4.2f}x without; {like['samples']['out']} paraphrases kept"
         )
         print(
-            f"  steady state: busiest stage {busiest:.1f} s of work -> {n / busiest:5.2f} sentences/s, "
+            f"  steady state: busiest stage {busiest:.1f} s per worker -> {n / busiest:5.2f} sentences/s, "
             f"{loop_s / busiest:4.2f}x the loop (stages overlap across shards)"
         )
         kept = full["samples"]["out"]
