@@ -154,12 +154,19 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
 
 
 class Progress:
-    """Per-stage samples/s and an ETA on stderr when something moved, and a heartbeat when nothing did."""
+    """Per-stage samples/s and an ETA on stderr: at most every ``every`` seconds while work moves (at once
+    when a shard finishes), and a heartbeat when nothing does."""
 
     def __init__(
-        self, state: RunState, stage_names: list[str], enabled: bool, heartbeat: float = 30.0
+        self,
+        state: RunState,
+        stage_names: list[str],
+        enabled: bool,
+        every: float = 2.0,
+        heartbeat: float = 30.0,
     ) -> None:
-        self.state, self.names, self.enabled, self.heartbeat = state, stage_names, enabled, heartbeat
+        self.state, self.names, self.enabled = state, stage_names, enabled
+        self.every, self.heartbeat = every, heartbeat
         self.last_line, self.last_time = "", 0.0
 
     def update(self) -> None:
@@ -174,7 +181,11 @@ class Progress:
             parts.append(f"{name} {state.stage_out.get(name, 0)} ({rate:.1f}/s)")
         line = " | ".join(parts)
         now = time.perf_counter()
-        if line == self.last_line and now - self.last_time < self.heartbeat:
+        quiet_for = now - self.last_time
+        shard_finished = not self.last_line.startswith(parts[0] + " ")
+        if line == self.last_line and quiet_for < self.heartbeat:
+            return
+        if not shard_finished and quiet_for < self.every:
             return
         elapsed = now - state.started
         eta = f"{elapsed / finished * (state.total - finished):.0f}s" if finished else "?"

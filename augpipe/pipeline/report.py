@@ -28,7 +28,10 @@ def _examples(out_dir: Path, manifest: dict[str, Any], limit: int) -> list[str]:
                 if k.startswith("score_") and record[k] is not None
             )
             source = f"{record['source_text']!r} -> " if "source_text" in columns else ""
-            text = repr(record["text"]) if "text" in columns else "(media)"
+            words = next(
+                (record[c] for c in ("text", "caption", "prompt") if c in columns and record[c]), None
+            )
+            text = repr(words) if words is not None else "(media)"
             lines.append(
                 f"  {record['key']} [{record['label']}]: {source}{text}" + (f"  ({scores})" if scores else "")
             )
