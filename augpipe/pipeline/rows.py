@@ -13,10 +13,25 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 Row = dict[str, Any]
 RESERVED_FIELDS = frozenset({"key", "variant", "lineage"})
+
+
+def check_field_name(value: str) -> str:
+    """A row field a stage may read or write: an identifier, and not one the engine reserves."""
+    if not value or not value.isidentifier() or value in RESERVED_FIELDS:
+        raise ValueError(
+            f"{value!r} is not a usable field name (an identifier, not one of key/variant/lineage)"
+        )
+    return value
+
+
+FieldName = Annotated[str, AfterValidator(check_field_name)]
+"""A settings type for options that name a row field."""
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,17 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from augpipe.pipeline.models import ModelNotFoundError
-from augpipe.pipeline.rows import RESERVED_FIELDS, Failure, Row, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
 
 
 class CaptionSettings(StageSettings):
     model: str | None = Field(default=None, description="hub id (in the local cache), local path or pkg://")
-    field: str = Field(default="image", description="the image field to caption")
-    output: str = Field(default="caption", description="the field the caption is written to")
+    field: FieldName = Field(default="image", description="the image field to caption")
+    output: FieldName = Field(default="caption", description="the field the caption is written to")
     variants: int = Field(default=1, ge=1, le=64, description="captions per image (l)")
     do_sample: bool = Field(default=True, description="sample variants (else: top-l beams)")
     greedy_first: bool = Field(default=True, description="variant 0 is the greedy/beam caption")
@@ -48,13 +48,6 @@ class CaptionSettings(StageSettings):
     top_p: float = Field(default=0.9, gt=0, le=1)
     prompt: str | None = Field(default=None, description="text prefix the captioner continues")
     keep_prompt: bool = Field(default=False, description="keep the prompt prefix in the caption")
-
-    @field_validator("field", "output")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value in RESERVED_FIELDS:
-            raise ValueError(f"{value!r} is a reserved row field")
-        return value
 
     @model_validator(mode="after")
     def _distinct_fields(self) -> CaptionSettings:

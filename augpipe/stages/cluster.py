@@ -36,9 +36,8 @@ from pydantic import Field, field_validator
 from sklearn.mixture import GaussianMixture
 
 from augpipe.methods.cmda import select_gmm_bic
-from augpipe.pipeline.rows import Failure, Row, derive_seed, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 
 FORMAT_VERSION = 1
 PARAMS_FILE = "gmm.npz"

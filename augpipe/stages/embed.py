@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from augpipe.pipeline.models import ModelNotFoundError
-from augpipe.pipeline.rows import RESERVED_FIELDS, Failure, Row, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageContext, StageSettings
 
 TEXT_FIELDS = frozenset({"text", "transcript"})
@@ -394,14 +394,6 @@ TEXT_BACKENDS: dict[str, type[EmbedBackend]] = {n: b for n, b in BACKENDS.items(
 
 
 # ------------------------------------------------------------------------------------------------ stage
-
-
-def check_field_name(value: str) -> str:
-    if not value or not value.isidentifier() or value in RESERVED_FIELDS:
-        raise ValueError(
-            f"{value!r} is not a usable field name (an identifier, not one of key/variant/lineage)"
-        )
-    return value
 
 
 class EmbedSettings(StageSettings):

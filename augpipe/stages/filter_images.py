@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods import image_checks
-from augpipe.pipeline.rows import RESERVED_FIELDS, Failure, Row, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 
 
 class FilterImagesSettings(StageSettings):
-    field: str = Field(default="generated_image", description="the image field to check")
+    field: FieldName = Field(default="generated_image", description="the image field to check")
     black_threshold: float = Field(
         default=10.0, ge=0, le=255, description="reject when the mean intensity (0..255) is below this"
     )
@@ -27,13 +27,6 @@ class FilterImagesSettings(StageSettings):
     )
     drop_black: bool = True
     drop_grayscale: bool = True
-
-    @field_validator("field")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value in RESERVED_FIELDS:
-            raise ValueError(f"{value!r} is a reserved row field")
-        return value
 
 
 class FilterImages(Stage):

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from augpipe.pipeline.models import ModelNotFoundError
-from augpipe.pipeline.rows import RESERVED_FIELDS, Failure, Row, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
 
 
@@ -51,9 +51,9 @@ def template_fields(template: str) -> list[str]:
 
 class GenerateImageSettings(StageSettings):
     model: str | None = Field(default=None, description="hub id (in the local cache), local path or pkg://")
-    field: str = Field(default="caption", description="the text field to imagine")
-    output: str = Field(default="generated_image")
-    prompt_output: str = Field(default="prompt", description="the field the final prompt is written to")
+    field: FieldName = Field(default="caption", description="the text field to imagine")
+    output: FieldName = Field(default="generated_image")
+    prompt_output: FieldName = Field(default="prompt", description="the field the final prompt is written to")
     variants: int = Field(default=1, ge=1, le=64, description="images per prompt (n), one seed each")
     steps: int = Field(default=30, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0)
@@ -62,18 +62,11 @@ class GenerateImageSettings(StageSettings):
     resize_to: Literal["source"] | tuple[int, int] | None = Field(
         default="source", description="'source' (the source image's size), [w, h], or null to keep"
     )
-    source_field: str = Field(default="image", description="the source image whose size 'source' means")
+    source_field: FieldName = Field(default="image", description="the source image whose size 'source' means")
     negative_prompt: str | None = None
     prompt_template: str | None = Field(default=None, description='e.g. "a photo of {caption}"')
     label_names: tuple[str, ...] | None = Field(default=None, description="names for integer labels")
     attention_slicing: bool = Field(default=False, description="lower peak GPU memory, a little slower")
-
-    @field_validator("field", "output", "prompt_output", "source_field")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value in RESERVED_FIELDS:
-            raise ValueError(f"{value!r} is a reserved row field")
-        return value
 
     @field_validator("resize_to")
     @classmethod
@@ -100,7 +93,7 @@ class GenerateImageSettings(StageSettings):
         return self
 
 
-def _label_name(row: Row, label_names: tuple[str, ...] | None) -> str | None:
+def label_name(row: Row, label_names: tuple[str, ...] | None) -> str | None:
     if isinstance(row.get("label_name"), str):
         return row["label_name"]
     label = row.get("label")
@@ -350,7 +343,7 @@ class GenerateImage(Stage):
         values: dict[str, str] = {}
         for name in template_fields(s.prompt_template):
             if name == "label":
-                value: Any = _label_name(row, s.label_names)
+                value: Any = label_name(row, s.label_names)
             else:
                 value = row.get(name)
                 if value is not None and not isinstance(value, str | int | float):

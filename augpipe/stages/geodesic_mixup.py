@@ -32,9 +32,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
-from augpipe.pipeline.rows import Failure, Row, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,

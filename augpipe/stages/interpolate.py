@@ -59,9 +59,8 @@ from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from augpipe.methods.cmda import iter_offline_batches, resolve_mode, soft_labels
-from augpipe.pipeline.rows import Failure, Row, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 
 WHOLE_SHARD = 1_000_000
 

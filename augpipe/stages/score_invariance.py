@@ -35,18 +35,16 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from augpipe.pipeline.rows import Failure, Row, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageContext, StageSettings
 from augpipe.stages.embed import (
     ClipBackend,
     EfficientNetLite0Backend,
     EmbedBackend,
     TinyClipBackend,
-    check_field_name,
     l2_normalize,
 )
-from augpipe.stages.generate_image import _label_name as label_name
-from augpipe.stages.generate_image import template_fields
+from augpipe.stages.generate_image import label_name, template_fields
 
 CLIP_SCORES = ("score_clip_source", "score_clip_label")
 TOPK_SCORES = ("score_topk_agreement", "score_top1_in_topk", "score_feature_source")

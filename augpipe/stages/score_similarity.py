@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field, field_validator
 
-from augpipe.pipeline.rows import Failure, Row, record
+from augpipe.pipeline.rows import Failure, Row, check_field_name, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
-from augpipe.stages.embed import TEXT_BACKENDS, EmbedBackend, check_field_name, l2_normalize
+from augpipe.stages.embed import TEXT_BACKENDS, EmbedBackend, l2_normalize
 
 
 class ScoreSimilaritySettings(StageSettings):
