@@ -62,6 +62,7 @@ def _stage_totals(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for entry in totals.values():
         entry["counts"] = dict(entry["counts"])
         entry["samples_per_s"] = entry["samples_out"] / entry["wall_s"] if entry["wall_s"] > 0 else 0.0
+        entry["yield"] = entry["samples_out"] / entry["samples_in"] if entry["samples_in"] else 0.0
     return totals
 
 

@@ -50,10 +50,11 @@ def summary_text(out_dir: Path, manifest: dict[str, Any], examples: int = 5) -> 
     for name, stage in manifest["stages"].items():
         counts = ", ".join(f"{k} {v}" for k, v in sorted(stage["counts"].items()))
         reused = f", reused on {stage['reused_shards']} shards" if stage["reused_shards"] else ""
+        ratio = stage["samples_out"] / stage["samples_in"] if stage["samples_in"] else 0.0
         lines.append(
             f"  {name:18s} {stage['samples_in']:6d} in {stage['samples_out']:6d} out "
             f"{stage['failed']:4d} failed "
-            f"{stage['samples_per_s']:8.1f}/s on {stage['device']}{reused}"
+            f"{stage['samples_per_s']:8.1f}/s on {stage['device']}, yield {ratio:.2f}{reused}"
             + (f"  [{counts}]" if counts else "")
         )
     for model in manifest["models"]:
