@@ -110,6 +110,7 @@ def build_manifest(
     inputs = {u.path for u in units if u.shard_id in shards}
     samples_in = sum(s["stages"][0]["samples_in"] for s in ordered if s["stages"])
     failures = _failures(ordered)
+    stages = _stage_totals(ordered)
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
@@ -131,11 +132,9 @@ def build_manifest(
             "failed": failures["total"],
             "failure_rate": failures["total"] / samples_in if samples_in else 0.0,
         },
-        "stages": _stage_totals(ordered),
+        "stages": stages,
         "reused": {
-            name: totals["reused_shards"]
-            for name, totals in _stage_totals(ordered).items()
-            if totals["reused_shards"]
+            name: totals["reused_shards"] for name, totals in stages.items() if totals["reused_shards"]
         },
         "failures": failures,
         "artifacts": _artifacts(plan, out_dir),
