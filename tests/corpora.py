@@ -67,5 +67,21 @@ def write_hostile_corpus(folder: Path) -> dict[str, str]:
         "mystery": "unknown_member_type",
         "pickled": "refused_pickle",
         "../../escape": "unsafe_key",
-        "shard-00001.tar": "corrupt_shard",
+        "cut": "corrupt_shard",
     }
+
+
+def text_corpus(folder: Path, shards: int, per_shard: int, prefix: str = "shard") -> Path:
+    """``shards`` tar shards of ``per_shard`` labelled sentences each, named PREFIX-00000.tar..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        samples = [
+            (f"{prefix}{shard}s{i}", f"Sentence {i} of shard {shard} in {prefix}.", ("odd", "even")[i % 2])
+            for i in range(per_shard)
+        ]
+        write_text_shard(folder / f"{prefix}-{shard:05d}.tar", samples)
+    return folder
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    _add(tar, name, data)

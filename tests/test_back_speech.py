@@ -16,7 +16,9 @@ import pytest
 import webdataset as wds
 
 from augpipe.methods.text_distance import is_copy, paraphrase_edit_ratio
+from augpipe.pipeline import layout
 from augpipe.pipeline.config import load_recipe
+from augpipe.pipeline.corpus import CorpusConflict
 from augpipe.pipeline.manifest import validate_manifest
 from augpipe.pipeline.run import run_recipe
 from tests.corpora import SENTENCES, write_text_shard
@@ -49,7 +51,9 @@ def small_text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(small_text, tmp_path_factory, ray_session) -> Path:
     out = tmp_path_factory.mktemp("bs_first")
-    result = run_recipe(load_recipe("back-speech", sets=SETS), small_text, out, progress=False)
+    result = run_recipe(
+        load_recipe("back-speech", sets=SETS), small_text, out, progress=False, keep_cache=True
+    )
     assert result.ok
     return out
 
@@ -83,7 +87,7 @@ def test_paraphrases_are_filtered_scored_and_carry_lineage(first_run, small_text
     for row in table:
         per_source[row["parent_key"]] = per_source.get(row["parent_key"], 0) + 1
     assert max(per_source.values()) <= 2
-    manifest = json.loads((first_run / "manifest.json").read_text())
+    manifest = json.loads((first_run / layout.MANIFEST).read_text())
     validate_manifest(manifest)
     stages = manifest["stages"]
     assert stages["synthesize_speech"]["samples_out"] == 6
@@ -96,19 +100,23 @@ def test_same_seed_gives_same_keys_and_texts(first_run, small_text, tmp_path, ra
     again = tmp_path / "again"
     run_recipe(load_recipe("back-speech", sets=SETS), small_text, again, progress=False)
     assert read_corpus(again) == read_corpus(first_run)
+    assert not list((again / layout.CACHE_DIR).rglob("*.parquet")), "caches of finished shards are pruned"
 
 
 def test_changing_the_filter_reuses_speech_and_transcripts(first_run, tmp_path, small_text, ray_session):
     out = tmp_path / "reuse"
     shutil.copytree(first_run, out)
     looser = load_recipe("back-speech", sets=[*SETS, "filter_paraphrase.max_edit_ratio=0.35"])
-    result = run_recipe(looser, small_text, out, progress=False)
+    with pytest.raises(CorpusConflict, match=r"stages.filter_paraphrase.max_edit_ratio: 0.2 -> 0.35"):
+        run_recipe(looser, small_text, out, progress=False)
+    result = run_recipe(looser, small_text, out, progress=False, overwrite=True)
+    assert result.manifest["runs"][-1]["overwrite"] is True
     reused = result.manifest["reused"]
     assert reused["synthesize_speech"] == reused["perturb_audio"] == reused["transcribe"] == 3
     assert "filter_paraphrase" not in reused
     assert (
         result.manifest["samples"]["out"]
-        >= json.loads((first_run / "manifest.json").read_text())["samples"]["out"]
+        >= json.loads((first_run / layout.MANIFEST).read_text())["samples"]["out"]
     )
 
 
@@ -133,11 +141,11 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(first_run, small_text, t
         command, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
-    while not list((out / "_stats").glob("*.json")) and time.monotonic() < deadline:
+    while not list((out / layout.STATS_DIR).glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    committed = len(list((out / "_stats").glob("*.json")))
+    committed = len(list((out / layout.STATS_DIR).glob("*.json")))
     assert 1 <= committed < 3, "the kill should land between the first and the last shard commit"
 
     subprocess.run(command, env=env, check=True, timeout=600, capture_output=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from augpipe.pipeline import layout
 from augpipe.pipeline.config import Limits, load_recipe
 from augpipe.pipeline.inputs import discover_inputs
 from augpipe.pipeline.reader import read_unit
@@ -38,13 +39,13 @@ def test_reader_names_each_bad_sample_and_its_cause(hostile):
     by_key = {f.key: f.message for f in failures}
     assert "huge.txt" in by_key["huge"] and "2,000,000 bytes" in by_key["huge"]
     assert "never unpickles" in by_key["pickled"]
-    assert "after sample intact" in by_key["shard-00001.tar"]
+    assert "damaged at byte 1,024" in by_key["cut"] and "truncated" in by_key["cut"]
     assert not PWNED.exists()
 
 
 def _quarantined(out: Path) -> dict[str, str]:
     records = {}
-    for tar in sorted((out / "quarantine").glob("*.tar")):
+    for tar in sorted((out / layout.QUARANTINE_DIR).glob("*.tar")):
         for sample in wds.WebDataset(str(tar), shardshuffle=False):
             record = json.loads(sample["error.json"])
             records[record["key"]] = record["cause"]
@@ -82,9 +83,9 @@ def test_tables_are_read_in_units_with_bad_rows_quarantined(tmp_path):
     )
     units = discover_inputs(table, shard_size=2)
     assert [(u.shard_id, u.start, u.stop) for u in units] == [
-        ("shard-00000", 0, 2),
-        ("shard-00001", 2, 4),
-        ("shard-00002", 4, 5),
+        ("sentences-00000", 0, 2),
+        ("sentences-00001", 2, 4),
+        ("sentences-00002", 4, 5),
     ]
     results = [read_unit(unit, ["text"], Limits()) for unit in units]
     kept = [(row["key"], row["text"], row["label"]) for r in results for row in r.rows]

@@ -11,15 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from click.testing import CliRunner
 from PIL import Image
 
-from augpipe.pipeline.cli import main
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+from augpipe.pipeline import layout
+from tests.cli import invoke
 
 
 @pytest.mark.parametrize(
@@ -100,7 +95,7 @@ def test_failure_rate_above_the_limit_exits_3(tmp_path):
     )
     assert proc.returncode == 3, proc.stderr
     assert "refused_pickle" in proc.stderr and "exceeds --max-failure-rate" in proc.stderr
-    assert (tmp_path / "out" / "manifest.json").exists()
+    assert (tmp_path / "out" / layout.MANIFEST).exists()
 
 
 def test_ingest_csv_parquet_image_folder_and_img2dataset(tmp_path):

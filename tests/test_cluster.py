@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from augpipe.pipeline import layout
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -85,7 +87,7 @@ def test_run_joins_the_cluster_at_address(cluster, demo_text, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / layout.MANIFEST).read_text())
     assert manifest["samples"]["out"] == 24
     port = address.rsplit(":", 1)[1]
     assert manifest["cluster"]["address"].endswith(f":{port}"), "ran on the cluster, not a local Ray"

@@ -13,7 +13,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from augpipe.pipeline import layout
 from augpipe.pipeline.config import load_recipe
+from augpipe.pipeline.corpus import CorpusConflict
 from augpipe.pipeline.run import run_recipe
 from augpipe.pipeline.validate import validate_corpus
 
@@ -29,9 +31,8 @@ def cmda_run(demo_text, ray_session, tmp_path_factory):
 
 
 def fits(out: Path) -> dict[str, tuple[int, bytes]]:
-    return {
-        p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "artifacts").glob("*/fit.json")
-    }
+    found = (out / layout.ARTIFACTS_DIR).glob("*/fit.json")
+    return {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in found}
 
 
 def test_cmda_writes_k_generated_images_per_source_with_lineage(cmda_run):
@@ -48,7 +49,7 @@ def test_cmda_writes_k_generated_images_per_source_with_lineage(cmda_run):
     assert len(cluster["bic"]) == 4 and cluster["m_star"] == int(np.argmin(cluster["bic"])) + 1
     latent = manifest["artifacts"]["latent_space"]["summary"]
     assert latent["final_loss"] < latent["initial_loss"] and latent["rows"] == 18
-    folders = {p.name.split("-")[0]: p for p in (out / "artifacts").iterdir()}
+    folders = {p.name.split("-")[0]: p for p in (out / layout.ARTIFACTS_DIR).iterdir()}
     assert {"gmm.npz", "cluster.json", "fit.json"} <= {p.name for p in folders["cluster"].iterdir()}
     assert {"heads.safetensors", "latent_space.json"} <= {p.name for p in folders["latent_space"].iterdir()}
 
@@ -86,12 +87,10 @@ def test_cmda_rerun_reuses_everything_and_a_downstream_change_reuses_the_fits(cm
     assert again.manifest["samples"] == first.manifest["samples"]
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == tars
 
-    changed = run_recipe(
-        load_recipe("cmda", sets=[*SETS, "interpolate.pool_size=4"]),
-        demo_text.parent / "images",
-        out,
-        progress=False,
-    )
+    smaller_pools = load_recipe("cmda", sets=[*SETS, "interpolate.pool_size=4"])
+    with pytest.raises(CorpusConflict, match=r"interpolate\.pool_size"):
+        run_recipe(smaller_pools, demo_text.parent / "images", out, progress=False)
+    changed = run_recipe(smaller_pools, demo_text.parent / "images", out, progress=False, overwrite=True)
     assert changed.ok and fits(out) == before  # the GMM and the heads were not refitted
     assert (
         changed.manifest["artifacts"]["cluster"]["summary"]

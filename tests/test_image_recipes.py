@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 
 from augpipe.methods.text_distance import normalize_text
+from augpipe.pipeline import layout
 from augpipe.pipeline.config import ConfigError, load_recipe
 from augpipe.pipeline.manifest import validate_manifest
 from augpipe.pipeline.plan import build_plan
@@ -203,18 +204,18 @@ def _label_of(photos: Path, key: str) -> bytes:
 
 
 def test_undecodable_images_are_quarantined_and_the_run_goes_on(bc_first):
-    manifest = json.loads((bc_first / "manifest.json").read_text())
+    manifest = json.loads((bc_first / layout.MANIFEST).read_text())
     validate_manifest(manifest)
     assert manifest["samples"]["in"] == len(PHOTOS) + len(BROKEN)
     assert manifest["samples"]["failed"] == len(BROKEN)
-    with tarfile.open(bc_first / "quarantine" / "shard-00001.tar") as tar:
+    with tarfile.open(bc_first / layout.QUARANTINE_DIR / "shard-00001.tar") as tar:
         errors = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers()]
     assert {e["key"]: e["cause"] for e in errors} == BROKEN
     assert all(e["stage"] == "read" for e in errors)
     # the photos on either side of the broken ones in that shard were augmented
     names = [s["__key__"] for s in wds.WebDataset(str(bc_first / "shard-00001.tar"), shardshuffle=False)]
     assert sorted(names) == sorted(f"{key}-bc-{i}" for key in PHOTOS[2:4] for i in range(2))
-    assert not list((bc_first / "quarantine").glob("shard-0000[023].tar"))
+    assert not list((bc_first / layout.QUARANTINE_DIR).glob("shard-0000[023].tar"))
 
 
 def _augpipe(*args: str) -> list[str]:
@@ -235,14 +236,14 @@ def bc_killed(photos, tmp_path_factory) -> tuple[Path, int]:
         command, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 240
-    while not list((out / "_stats").glob("*.json")) and time.monotonic() < deadline:
+    while not list((out / layout.STATS_DIR).glob("*.json")) and time.monotonic() < deadline:
         if victim.poll() is not None:
             break
         time.sleep(0.02)
     with contextlib.suppress(ProcessLookupError):  # ended before the kill: the test's assertion says so
         os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    committed = len(list((out / "_stats").glob("*.json")))
+    committed = len(list((out / layout.STATS_DIR).glob("*.json")))
     subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
     return out, committed
 
@@ -255,7 +256,7 @@ def test_sigkill_then_rerun_writes_every_key_once(bc_killed, bc_first):
     assert sorted(keys) == expected and len(keys) == len(set(keys))
     assert [r["key"] for r in parquet_rows(out)] == keys
     assert not list(out.rglob("*.partial"))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / layout.MANIFEST).read_text())
     assert manifest["samples"]["out"] == len(expected) and not manifest["incomplete_shards"]
 
 

@@ -1,18 +1,26 @@
 """The ``augpipe`` command line.
 
 Exit codes:
-  0  the run finished within --max-failure-rate (or the command succeeded)
-  1  an unexpected internal error (a bug: please report it with the traceback)
-  2  bad usage or configuration: unknown recipe, stage, option or key, bad input path
-  3  the run finished but failures exceeded --max-failure-rate, or shards could not be written
-  4  a configured model is missing (the message says how to provide it)
-  5  validate found problems in a corpus
+  0    the run finished within --max-failure-rate (or the command succeeded)
+  1    an unexpected internal error (a bug: please report it with the traceback)
+  2    bad usage or configuration: unknown recipe, stage, option or key, bad input, an output folder in use
+       by another run or holding another corpus
+  3    the run finished but failures exceeded --max-failure-rate, or shards could not be written
+  4    a configured model is missing (the message says how to provide it)
+  5    validate found problems in a corpus
+  6    storage error: the output is full, read-only or not writable (the run stopped cleanly)
+  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: finished shards stay, the manifest says what finished
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -20,7 +28,8 @@ import click
 from augpipe.pipeline.config import ConfigError, available_recipes, load_recipe
 from augpipe.pipeline.models import ModelNotFoundError
 
-EXIT_FAILURES, EXIT_MODEL, EXIT_INVALID = 3, 4, 5
+EXIT_USAGE, EXIT_FAILURES, EXIT_MODEL, EXIT_INVALID, EXIT_STORAGE = 2, 3, 4, 5, 6
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _fail(message: str, code: int) -> None:
@@ -28,9 +37,48 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class _Console(logging.Handler):
+    """Engine messages as ``augpipe: ...`` lines on whatever stderr is current (click's, under a test)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"augpipe: {record.getMessage()}", err=True)
+
+
+def _setup_logging(quiet: bool) -> None:
+    """INFO and up on the console (warnings only with --quiet); the run's log file takes DEBUG."""
+    logger = logging.getLogger("augpipe")
+    console = next((h for h in logger.handlers if isinstance(h, _Console)), None)
+    if console is None:
+        console = _Console()
+        logger.addHandler(console)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+@contextmanager
+def _signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM ask the run to stop; the list holds the signal received, if any."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        click.echo("augpipe: stopping: abandoning shards in flight, keeping finished ones", err=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in EXIT_SIGNAL}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @click.group(
     epilog="Exit codes: 0 ok, 1 internal error, 2 usage/config, 3 too many failures, "
-    "4 missing model, 5 invalid corpus."
+    "4 missing model, 5 invalid corpus, 6 storage error, 130/143 interrupted (SIGINT/SIGTERM)."
 )
 @click.version_option(package_name="augpipe")
 def main() -> None:
@@ -43,15 +91,14 @@ def main() -> None:
     "--input",
     "input_path",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Input corpus: a folder of WebDataset shards, one tar, or a Parquet/CSV text table.",
+    help="Input corpus: a folder of WebDataset shards, one tar, or a Parquet/CSV text table; a local path "
+    "or a URL (s3://bucket/prefix?endpoint_override=host:port, gs://...).",
 )
 @click.option(
     "--output",
     "out_dir",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Output folder; re-running the same command resumes into it.",
+    help="Output folder (local path or URL); re-running the same command resumes into it.",
 )
 @click.option(
     "--profile",
@@ -82,11 +129,28 @@ def main() -> None:
     help="Exit 3 when failed samples / input samples exceeds this.",
 )
 @click.option("--seed", type=int, help="Run seed (default: the recipe's).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Rebuild the corpus in --output when it was made with another recipe/config.",
+)
+@click.option("--keep-cache", is_flag=True, help="Keep per-stage caches of finished shards (for reuse).")
+@click.option(
+    "--verify", is_flag=True, help="Checksum every committed shard before skipping it (default: size, mtime)."
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["ray", "local"]),
+    default="ray",
+    show_default=True,
+    help="ray: actor pools on a local or joined Ray cluster; local: in-process, one shard at a time "
+    "(debugging).",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def run(
     recipe: str,
-    input_path: Path,
-    out_dir: Path,
+    input_path: str,
+    out_dir: str,
     profile: str,
     config_file: str | None,
     sets: tuple[str, ...],
@@ -94,38 +158,70 @@ def run(
     incremental: bool,
     max_failure_rate: float,
     seed: int | None,
+    overwrite: bool,
+    keep_cache: bool,
+    verify: bool,
+    executor: str,
     quiet: bool,
 ) -> None:
     """Run RECIPE (a name from 'augpipe recipes' or a YAML path) over --input into --output."""
-    from augpipe.pipeline.run import run_recipe
+    from augpipe.pipeline.run import RunOptions, run_recipe
+    from augpipe.pipeline.storage import StorageError
 
-    try:
-        resolved = load_recipe(recipe, profile=profile, config_file=config_file, sets=list(sets), seed=seed)
-        result = run_recipe(
-            resolved,
-            input_path,
-            out_dir,
-            address=address,
-            incremental=incremental,
-            max_failure_rate=max_failure_rate,
-            progress=not quiet,
-        )
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except ModelNotFoundError as exc:
-        _fail(str(exc), EXIT_MODEL)
+    _setup_logging(quiet)
+    stop = threading.Event()
+    options = RunOptions(
+        address=address,
+        incremental=incremental,
+        max_failure_rate=max_failure_rate,
+        progress=not quiet,
+        overwrite=overwrite,
+        keep_cache=keep_cache,
+        verify=verify,
+        executor=executor,
+        stop=stop,
+    )
+    with _signals(stop) as received:
+        try:
+            resolved = load_recipe(
+                recipe, profile=profile, config_file=config_file, sets=list(sets), seed=seed
+            )
+            result = run_recipe(resolved, input_path, out_dir, options)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except ModelNotFoundError as exc:
+            _fail(str(exc), EXIT_MODEL)
+        except StorageError as exc:
+            _fail(f"storage: {exc}", EXIT_STORAGE)
+    _report(result, max_failure_rate, received)
+
+
+def _report(result: object, max_failure_rate: float, received: list[int]) -> None:
+    """The closing lines of ``run`` and its exit code."""
+    from augpipe.pipeline.run import RunResult
+
+    assert isinstance(result, RunResult)
     samples = result.manifest["samples"]
+    where = result.manifest_path or f"not written ({result.manifest_error})"
     click.echo(
         f"augpipe: {samples['in']} samples in, {samples['out']} out, {samples['failed']} failed "
-        f"({samples['failure_rate']:.1%}); manifest: {result.manifest_path}"
+        f"({samples['failure_rate']:.1%}); manifest: {where}"
     )
+    if received:
+        _fail(
+            f"interrupted by {signal.Signals(received[0]).name}; re-run the same command to resume",
+            EXIT_SIGNAL[received[0]],
+        )
+    if result.aborted is not None:
+        code = EXIT_STORAGE if result.aborted.cause == "storage" else EXIT_FAILURES
+        _fail(f"run stopped: {result.aborted}", code)
     if not result.ok:
         for example in result.manifest["failures"]["examples"][:10]:
             click.echo(
                 f"  {example['key']} [{example['stage']}/{example['cause']}]: {example['message']}", err=True
             )
-        for shard, reason in result.manifest["incomplete_shards"].items():
-            click.echo(f"  {shard} not written: {reason}", err=True)
+        for shard, info in result.manifest["incomplete_shards"].items():
+            click.echo(f"  {shard} not written: {info['message']}", err=True)
         _fail(
             f"failure rate {result.failure_rate:.1%} exceeds --max-failure-rate {max_failure_rate:.1%}"
             if result.failure_rate > max_failure_rate
@@ -160,7 +256,7 @@ def stages() -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option(
     "--html",
@@ -171,28 +267,31 @@ def stages() -> None:
 @click.option(
     "--samples", default=5, show_default=True, help="Generated samples to show beside their sources."
 )
-def inspect(out_dir: Path, as_json: bool, html_file: Path | None, samples: int) -> None:
+def inspect(out_dir: str, as_json: bool, html_file: Path | None, samples: int) -> None:
     """Summarise an output corpus: counts, per-stage throughput, failures, reuse, example samples."""
-    from augpipe.pipeline.manifest import read_manifest
+    from augpipe.pipeline.manifest import ManifestError, read_manifest
     from augpipe.pipeline.report import summary_text
 
-    manifest = read_manifest(out_dir)
+    try:
+        manifest = read_manifest(out_dir)
+    except ManifestError as exc:
+        _fail(str(exc), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     if html_file is not None:
         from augpipe.pipeline.report import html_report
 
-        html_file.write_text(html_report(out_dir, manifest, samples))
+        html_file.write_text(html_report(Path(out_dir), manifest, samples))
         click.echo(f"wrote {html_file}")
         return
-    click.echo(summary_text(out_dir, manifest, samples))
+    click.echo(summary_text(Path(out_dir), manifest, samples))
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
-def validate(path: Path) -> None:
-    """Check an output corpus (manifest schema, checksums, tar/Parquet agreement) or a recipe YAML."""
+@click.argument("path")
+def validate(path: str) -> None:
+    """Check an output corpus (folder or URL: manifest, checksums, counts, strays) or a recipe YAML."""
     from augpipe.pipeline.validate import validate_path
 
     problems = validate_path(path)
@@ -214,8 +313,32 @@ def ingest(source: Path, out_dir: Path, shard_size: int) -> None:
     try:
         written = do_ingest(source, out_dir, shard_size)
     except ConfigError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), EXIT_USAGE)
     click.echo(f"wrote {len(written)} files to {out_dir}")
+
+
+@main.command()
+@click.argument("out_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the run history as JSON.")
+def runs(out_dir: str, as_json: bool) -> None:
+    """List the runs that built a corpus: when, what each added, and what failed."""
+    from augpipe.pipeline.manifest import ManifestError, read_manifest
+
+    try:
+        history = read_manifest(out_dir).get("runs", [])
+    except ManifestError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps(history, indent=2))
+        return
+    for entry in history:
+        samples = entry["samples"]
+        flags = [name for name in ("incremental", "overwrite", "interrupted") if entry.get(name)]
+        click.echo(
+            f"{entry['started_at'][:19]}  run {entry['run_id'][:12]}  config {entry['config_hash']}  "
+            f"+{len(entry['shards_added'])} shards  {samples['in']} in, {samples['out']} out, "
+            f"{samples['failed']} failed" + (f"  [{', '.join(flags)}]" if flags else "")
+        )
 
 
 @main.command("demo-data")

@@ -1,41 +1,61 @@
-"""The only module that knows Ray: actor pools per stage, shards chained through object references.
+"""The Ray executor, and the only module (with ``run``'s ``ray.shutdown``) that imports Ray.
 
-For each shard the driver submits ``read -> stage 1 -> ... -> commit`` as a chain of Ray calls whose
-arguments are the previous call's results, so Ray starts each step when its input is ready and several
-shards are in flight at once (shard N+1 is transcribed while shard N is synthesised). Model stages are
-long-lived actors that load their model once. Stage outputs already cached under the same chain
-fingerprint are read back instead of recomputed, and shards whose stats record matches the run are
-skipped entirely: that is resume.
+Each step of the recipe has a pool of long-lived stage actors that load their model once. Shards move
+through the steps as object references: the driver holds references, never rows. An actor gets one call at
+a time, so work goes to whichever actor is free (load-aware dispatch) and a worker's death touches only the
+shard it was working on.
+
+Fault tolerance uses Ray's own mechanisms, bounded:
+- stage actors restart after a crash (``max_restarts``) and the interrupted call is retried on the
+  restarted actor (``max_task_retries``); read, fit and commit tasks retry when their worker dies
+  (``max_retries``); objects lost with a node are rebuilt by restarting the shard from its deepest cache;
+- an actor whose restarts are spent is replaced by a fresh one; a shard whose step still fails because its
+  worker died is resubmitted, and after ``max_attempts`` such failures it is a *poison* shard: it is
+  committed with every remaining sample quarantined as ``worker_crashed``, and the other shards go on.
+- an actor whose constructor raises (a model that cannot load) or storage that refuses writes stops the
+  run: no retry can fix either.
+
+Global stages fit on a seeded sample: each shard's sample part stays in the object store and goes
+straight into the fit task, so the driver never holds fit data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import sys
-import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
 
+from augpipe.pipeline import execution
+from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work, log, plain
+from augpipe.pipeline.index import IndexSummary, UnitIndex, by_file, find_duplicates, index_file
 from augpipe.pipeline.inputs import InputUnit
-from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.stage import Resources, Stage
+from augpipe.pipeline.storage import Store, is_storage_error
 from augpipe.pipeline.worker import (
     StageRunner,
-    artifact_dir,
-    cache_files,
+    commit_lost_shard,
     commit_shard,
     fit_global,
-    project_rows,
+    fit_sample,
     read_cached,
     read_fit,
     read_source,
+    sample_rate,
 )
-from augpipe.pipeline.writer import read_stats
 
 TASK_CPUS = 0.25
 # Workers never reach a model hub (a missing model is an error, not a download), and print no model
@@ -48,35 +68,8 @@ WORKER_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TQDM_DISABLE": "1",
 }
-
-
-@dataclass
-class RunState:
-    """What the driver knows while a run goes on: finished shards and per-stage progress."""
-
-    total: int
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
-    broken: dict[str, str] = field(default_factory=dict)
-    cluster: dict[str, Any] = field(default_factory=dict)
-    stage_out: dict[str, int] = field(default_factory=dict)
-    stage_wall: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    def count(self, stage: str, record: dict[str, Any]) -> None:
-        """Add one shard's record of ``stage`` to its progress, unless an earlier run computed it."""
-        if not record["reused"]:
-            self.stage_out[stage] = self.stage_out.get(stage, 0) + record["samples_out"]
-            self.stage_wall[stage] = self.stage_wall.get(stage, 0.0) + record["wall_s"]
-
-
-def is_done(out_dir: Path, unit: InputUnit, fingerprint: str) -> dict[str, Any] | None:
-    """The shard's stats if it was committed by a run of the same configuration and its files exist."""
-    stats = read_stats(out_dir, unit.shard_id)
-    if stats is None or stats.get("fingerprint") != fingerprint:
-        return None
-    if not all((out_dir / entry["path"]).exists() for entry in stats["outputs"]):
-        return None
-    return stats
+LOST_RESTARTS = 5
+REPLACEMENTS_PER_STEP = 8
 
 
 def init_ray(address: str | None) -> bool:
@@ -95,15 +88,28 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
+def shutdown() -> None:
+    ray.shutdown()
+
+
 def describe_cluster() -> dict[str, Any]:
     """Where the run executed, for the manifest: the Ray address, nodes, CPUs and GPUs."""
     resources = ray.cluster_resources()
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # Ray Client connections have no GCS address on the driver side
+        address = "ray-client"
     return {
-        "address": ray.get_runtime_context().gcs_address,
+        "executor": "ray",
+        "address": address,
         "nodes": sum(1 for node in ray.nodes() if node["Alive"]),
         "cpus": resources.get("CPU", 0.0),
         "gpus": resources.get("GPU", 0.0),
     }
+
+
+def _largest_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
 
 
 def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
@@ -111,9 +117,10 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
 
     A 2-core laptop cannot give five stages a CPU each, nor its memory 8 GiB per diffusion worker; they
     still run, sharing what there is, instead of waiting forever for resources that do not exist (Ray
-    would queue those actors silently). GPUs are never invented or oversubscribed: a stage that asks for
-    one on a cluster without any runs on CPU when its device is ``auto`` and fails when it is ``cuda``,
-    and GPU shares that add up to more than the cluster has fail with the numbers.
+    would queue those actors silently). No actor asks for more CPUs than the largest node has. GPUs are
+    never invented or oversubscribed: a stage that asks for one on a cluster without any runs on CPU when
+    its device is ``auto`` and fails when it is ``cuda``, and GPU shares that add up to more than the
+    cluster has fail with the numbers.
     """
     cluster = ray.cluster_resources()
     gpus_total = cluster.get("GPU", 0.0)
@@ -123,7 +130,7 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
         if wanted[stage.name].gpus > 0 and gpus_total == 0:
             if stage.settings.device == "cuda":
                 raise RuntimeError(f"stage {stage.name} has device: cuda but the Ray cluster has no GPU")
-            print(f"augpipe: no GPU in the cluster; {stage.name} runs on CPU", file=sys.stderr)
+            log.warning("no GPU in the cluster; %s runs on CPU", stage.name)
     gpus_asked = sum(gpu[s.name] * s.settings.concurrency for s in stages)
     if gpus_asked > gpus_total + 1e-9:
         shares = ", ".join(f"{s.name} {gpu[s.name]} x{s.settings.concurrency}" for s in stages if gpu[s.name])
@@ -139,13 +146,14 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
         sum(wanted[s.name].cpus * s.settings.concurrency for s in stages),
         max(cluster.get("CPU", 1.0) - 2 * TASK_CPUS, 0.1),
     )
+    node_cpus = max(_largest_node_cpus() - TASK_CPUS, 0.1)
     memory_scale = scale(
         sum(wanted[s.name].memory_gb * s.settings.concurrency for s in stages) * 2**30,
         0.8 * cluster.get("memory", float("inf")),
     )
     return {
         s.name: Resources(
-            cpus=round(wanted[s.name].cpus * cpu_scale, 3),
+            cpus=round(min(wanted[s.name].cpus * cpu_scale, node_cpus), 3),
             gpus=gpu[s.name],
             memory_gb=wanted[s.name].memory_gb * memory_scale,
         )
@@ -153,186 +161,444 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
     }
 
 
-class Progress:
-    """Per-stage samples/s and an ETA on stderr: at most every ``every`` seconds while work moves (at once
-    when a shard finishes), and a heartbeat when nothing does."""
+@ray.remote(num_cpus=0)
+class _ProgressSink:
+    """Counts rows per step as actors finish batches, so progress moves inside a shard."""
 
-    def __init__(
-        self,
-        state: RunState,
-        stage_names: list[str],
-        enabled: bool,
-        every: float = 2.0,
-        heartbeat: float = 30.0,
-    ) -> None:
-        self.state, self.names, self.enabled = state, stage_names, enabled
-        self.every, self.heartbeat = every, heartbeat
-        self.last_line, self.last_time = "", 0.0
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
 
-    def update(self) -> None:
-        if not self.enabled:
-            return
-        state = self.state
-        finished = len(state.done)
-        parts = [f"shards {finished}/{state.total}"]
-        for name in self.names:
-            wall = state.stage_wall.get(name, 0.0)
-            rate = state.stage_out.get(name, 0) / wall if wall > 0 else 0.0
-            parts.append(f"{name} {state.stage_out.get(name, 0)} ({rate:.1f}/s)")
-        line = " | ".join(parts)
-        now = time.perf_counter()
-        quiet_for = now - self.last_time
-        shard_finished = not self.last_line.startswith(parts[0] + " ")
-        if line == self.last_line and quiet_for < self.heartbeat:
-            return
-        if not shard_finished and quiet_for < self.every:
-            return
-        elapsed = now - state.started
-        eta = f"{elapsed / finished * (state.total - finished):.0f}s" if finished else "?"
-        print(f"augpipe: {line} | {elapsed:.0f}s elapsed, ETA {eta}", file=sys.stderr, flush=True)
-        self.last_line, self.last_time = line, now
+    def add(self, step: str, samples: int) -> None:
+        self.counts[step] += samples
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
 
 
-class Executor:
-    """Runs a plan over input units with Ray; the result holds every shard's stats record."""
+class _Reporter:
+    """A stage runner's per-batch callback that forwards counts to the progress sink (fire and forget).
 
-    def __init__(self, plan: Plan, out_dir: Path, run_id: str, progress: bool = True) -> None:
-        self.plan = plan
-        self.run_id = run_id
-        self.out_dir = out_dir
-        self.progress_enabled = progress
-        self.pools: dict[int, list[Any]] = {}
-        self.turn: dict[int, int] = {}
-        self.resources: dict[str, Resources] = {}
+    It travels by the sink's name, not its handle: an actor handle in a constructor argument puts the
+    argument in the object store, where an actor restart cannot count on finding it (ray#53727).
+    """
 
-    def _actor(self, index: int) -> Any:
-        """Round-robin over the stage's actor pool, created on first use (cached stages never load)."""
-        if index not in self.pools:
-            stage, entry = self.plan.stages[index], self.plan.recipe.stages[index]
-            r = self.resources[stage.name]
-            actor_cls = ray.remote(StageRunner).options(
-                num_cpus=r.cpus, num_gpus=r.gpus, memory=int(r.memory_gb * 2**30), max_concurrency=1
-            )
-            fitted = str(self._artifact(index)) if stage.needs_fit else None
-            self.pools[index] = [
-                actor_cls.remote(
-                    entry,
-                    stage.context,
-                    self.plan.chain[index],
-                    str(self.out_dir),
-                    self.run_id,
-                    self._feeds_fit(index),
-                    fitted,
-                )
-                for _ in range(stage.settings.concurrency)
-            ]
-            self.turn[index] = 0
-        pool = self.pools[index]
-        self.turn[index] += 1
-        return pool[self.turn[index] % len(pool)]
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sink: Any = None
+        self.sink_name = ""
 
-    def _feeds_fit(self, index: int) -> bool:
-        """The stage just before a global stage always caches: the fit and the processing both read it."""
-        following = index + 1
-        return following < len(self.plan.stages) and self.plan.stages[following].needs_fit
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name}
 
-    def _artifact(self, index: int) -> Path:
-        return artifact_dir(self.out_dir, self.plan.stages[index].name, self.plan.chain[index])
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.name, self.sink = state["name"], None
 
-    def _start(self, unit: InputUnit, limit: int | None = None) -> tuple[Any, Any, int]:
-        """The deepest cached stage output before ``limit``, or the input: (rows, history, next stage)."""
-        end = len(self.plan.stages) if limit is None else limit
-        for index in range(end - 1, -1, -1):
-            stage = self.plan.stages[index]
-            parquet, history = cache_files(self.out_dir, stage.name, self.plan.chain[index], unit.shard_id)
-            if (stage.cacheable or self._feeds_fit(index)) and history.exists() and parquet.exists():
-                rows, hist = remote(read_cached, 2).remote(parquet, history, self.run_id)
-                return rows, hist, index + 1
-        rows, hist = remote(read_source, 2).remote(unit, self.plan.recipe, self.run_id)
-        return rows, hist, 0
-
-    def _chain(self, unit: InputUnit, end: int) -> tuple[Any, Any, dict[Any, tuple[str, int]]]:
-        """Submit the shard's steps up to stage ``end`` (exclusive) from its deepest cache."""
-        rows, history, first = self._start(unit, end)
-        watch: dict[Any, tuple[str, int]] = {}
-        for index in range(first, end):
-            method = self._actor(index).run.options(num_returns=2)
-            rows, history = method.remote(unit.shard_id, rows, history)
-            watch[history] = (unit.shard_id, index)
-        return rows, history, watch
-
-    def _fit(self, index: int, units: list[InputUnit], state: RunState) -> None:
-        """Run everything before global stage ``index`` over the whole corpus, then fit it once."""
-        folder = self._artifact(index)
-        if read_fit(folder) is not None:
-            return
-        stage, entry = self.plan.stages[index], self.plan.recipe.stages[index]
-        fields = sorted(stage.fit_fields())
-        columns: dict[str, list[Any]] = {name: [] for name in ["key", *fields]}
-        pending, watched = [], {}
-        for unit in units:
-            rows, _, watch = self._chain(unit, index)
-            pending.append(remote(project_rows, 1).remote(rows, fields))
-            watched.update(watch)
-        for part in ray.get(pending):
-            for name, values in part.items():
-                columns[name].extend(values)
-        for ref, (_, position) in watched.items():
-            state.count(self.plan.stages[position].name, ray.get(ref)["stages"][-1])
-        if self.progress_enabled:
-            print(f"augpipe: fitting {stage.name} on {len(columns['key'])} rows", file=sys.stderr, flush=True)
-        r = self.resources[stage.name]
-        task = ray.remote(num_cpus=r.cpus, num_gpus=r.gpus)(fit_global)
-        ray.get(task.remote(entry, stage.context, columns, str(folder)))
-
-    def _submit(self, unit: InputUnit) -> dict[Any, tuple[str, int]]:
-        """Chain the shard's remaining steps and its commit; returns refs to watch with their position."""
-        rows, history, watch = self._chain(unit, len(self.plan.stages))
-        committed = remote(commit_shard, 1).remote(
-            self.out_dir, unit, self.plan.recipe, self.plan.run_fingerprint, rows, history
-        )
-        watch[committed] = (unit.shard_id, len(self.plan.stages))
-        return watch
-
-    def run(
-        self, units: list[InputUnit], done: dict[str, dict[str, Any]], corpus: list[InputUnit]
-    ) -> RunState:
-        """Process ``units`` (the shards not yet done); global stages fit over the whole ``corpus``."""
-        state = RunState(total=len(units) + len(done), done=dict(done), cluster=describe_cluster())
-        self.resources = fit_resources(self.plan.stages)
-        for index, stage in enumerate(self.plan.stages):
-            if stage.needs_fit:
-                self._fit(index, corpus, state)
-        progress = Progress(state, [s.name for s in self.plan.stages], self.progress_enabled)
-        limit = max(2, sum(s.settings.concurrency for s in self.plan.stages) + 1)
-        queue = list(units)
-        watching: dict[Any, tuple[str, int]] = {}
-        in_flight = 0
-        while queue or watching:
-            while queue and in_flight < limit:
-                watching.update(self._submit(queue.pop(0)))
-                in_flight += 1
-            ready, _ = ray.wait(list(watching), num_returns=1, timeout=1.0)
-            for ref in ready:
-                shard_id, position = watching.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except (ray.exceptions.RayError, OSError) as exc:
-                    if position == len(self.plan.stages):
-                        state.broken[shard_id] = f"{type(exc).__name__}: {exc}"
-                        in_flight -= 1
-                        print(f"augpipe: shard {shard_id} failed and was not written: {exc}", file=sys.stderr)
-                    continue
-                if position == len(self.plan.stages):
-                    state.done[shard_id] = result
-                    in_flight -= 1
-                else:
-                    state.count(self.plan.stages[position].name, result["stages"][-1])
-            progress.update()
-        return state
+    def __call__(self, step: str, samples: int) -> None:
+        if self.sink is None:
+            self.sink = ray.get_actor(self.name)
+        self.sink.add.remote(step, samples)
 
 
 @functools.cache
-def remote(fn: Callable[..., Any], returns: int) -> Any:
+def remote(fn: Callable[..., Any], returns: int = 1) -> Any:
     """A light Ray task for reading, cache loading and committing (CPU work beside the model actors)."""
-    return ray.remote(num_cpus=TASK_CPUS, num_returns=returns, max_retries=2)(fn)
+    return ray.remote(num_cpus=TASK_CPUS, num_returns=returns, max_retries=3)(fn)
+
+
+@dataclass
+class _Shard:
+    """A unit on its way through the steps: where it is, its latest rows and history, its failures."""
+
+    unit: InputUnit
+    position: int = 0
+    rows: Any = None
+    history: Any = None
+    attempts: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class _Call:
+    """What a watched object reference stands for."""
+
+    kind: str
+    shard: _Shard | None = None
+    step: int = -1
+    actor: int = -1
+    outputs: tuple[Any, Any] | None = None
+
+
+@dataclass
+class _Pool:
+    """The actors of one step; ``busy`` marks those with a call (or a liveness ping) outstanding."""
+
+    handles: list[Any] = field(default_factory=list)
+    busy: list[bool] = field(default_factory=list)
+    replaced: int = 0
+
+    def free(self) -> int | None:
+        return next((i for i, b in enumerate(self.busy) if not b), None)
+
+
+class RayExecutor:
+    """Runs a plan over input units with Ray actor pools; see the module docstring for fault tolerance."""
+
+    def __init__(self, max_attempts: int = 2, max_restarts: int = 4, max_task_retries: int = 1) -> None:
+        self.max_attempts = max_attempts
+        self.max_restarts = max_restarts
+        self.max_task_retries = max_task_retries
+        self.pools: dict[int, _Pool] = {}
+        self.resources: dict[str, Resources] = {}
+        self.sink: Any = None
+
+    # ------------------------------------------------------------------------------------- actors
+
+    def _new_actor(self, work: Work, index: int) -> Any:
+        plan = work.plan
+        stage = plan.stages[index]
+        r = self.resources[stage.name]
+        actor_cls = ray.remote(StageRunner).options(
+            num_cpus=r.cpus,
+            num_gpus=r.gpus,
+            memory=int(r.memory_gb * 2**30),
+            max_concurrency=1,
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_task_retries,
+        )
+        return actor_cls.remote(
+            plan.recipe.stages[index],
+            stage.context,
+            plan.chain[index],
+            work.out,
+            work.run_id,
+            execution.cached_steps(plan)[index],
+            execution.artifact_rel(plan, index) if stage.needs_fit else None,
+            _Reporter(self.sink_name),
+        )
+
+    def _pool(self, work: Work, index: int) -> _Pool:
+        """The step's actor pool, created on first use (steps served from cache never load a model)."""
+        if index not in self.pools:
+            count = work.plan.stages[index].settings.concurrency
+            self.pools[index] = _Pool([self._new_actor(work, index) for _ in range(count)], [False] * count)
+        return self.pools[index]
+
+    # --------------------------------------------------------------------------------------- run
+
+    def index(
+        self, units: list[InputUnit], out: Store
+    ) -> tuple[dict[str, IndexSummary], dict[str, dict[bytes, str]]]:
+        """One task per input file; the keys go from those tasks to one duplicate-finding task, not here."""
+        calls = [remote(_index_task, 2).remote(group, out) for group in by_file(units)]
+        summaries = [s for batch in ray.get([c[0] for c in calls]) for s in batch]
+        labels = {u.shard_id: u.label for u in units}
+        drops = ray.get(remote(_duplicates_task).remote(labels, *[c[1] for c in calls]))
+        return {s.shard_id: s for s in summaries}, drops
+
+    def run(self, work: Work) -> RunState:
+        state = RunState(cluster=describe_cluster())
+        self.resources = fit_resources(work.plan.stages)
+        self.sink_name = f"augpipe-progress-{work.run_id}"
+        self.sink = _ProgressSink.options(name=self.sink_name).remote()
+        progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
+        try:
+            for index in execution.global_steps(work.plan):
+                self._fit(work, index, progress, state)
+            if not state.interrupted:
+                _Drive(self, work, progress, state, len(work.plan.stages)).run(work.units)
+        except RunAborted as exc:
+            state.aborted = exc
+        progress.show(force=True)
+        return state
+
+    def _fit(self, work: Work, index: int, progress: Progress, state: RunState) -> None:
+        plan = work.plan
+        folder = execution.artifact_rel(plan, index)
+        if read_fit(work.out, folder) is not None:
+            return
+        drive = _Drive(self, work, progress, state, index, fit_step=index)
+        parts = drive.run(work.corpus)
+        if state.interrupted:
+            return
+        cap = execution.fit_cap(plan, index)
+        log.info("fitting %s on a sample of %d samples", plan.stages[index].name, work.corpus_samples)
+        r = self.resources[plan.stages[index].name]
+        task = ray.remote(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=2)(_fit_task)
+        ref = task.remote(
+            plan.recipe.stages[index],
+            plan.stages[index].context,
+            work.out,
+            folder,
+            cap,
+            work.corpus_samples,
+            *parts,
+        )
+        try:
+            ray.get(ref)
+        except RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            raise RunAborted(
+                "fit_failed", f"fitting {plan.stages[index].name} failed: {plain(str(cause))}"
+            ) from exc
+
+
+def _index_task(units: list[InputUnit], out: Store) -> tuple[list[IndexSummary], list[UnitIndex]]:
+    indexes = index_file(units, out)
+    return [ix.summary() for ix in indexes], indexes
+
+
+def _duplicates_task(labels: dict[str, str], *groups: list[UnitIndex]) -> dict[str, dict[bytes, str]]:
+    return find_duplicates([ix for group in groups for ix in group], labels)
+
+
+def _fit_task(
+    entry: Any, context: Any, out: Any, folder: str, cap: int | None, samples: int, *parts: Any
+) -> Any:
+    """``worker.fit_global`` with the per-shard sample parts as separate arguments (Ray resolves those)."""
+    return fit_global(entry, context, list(parts), out, folder, cap, samples)
+
+
+class _Drive:
+    """One pass of units through steps ``[start, end)``, then a finishing task per shard: the commit, or,
+    for a fit pass, the shard's part of the fit sample (kept as a reference, never fetched)."""
+
+    def __init__(
+        self,
+        executor: RayExecutor,
+        work: Work,
+        progress: Progress,
+        state: RunState,
+        end: int,
+        fit_step: int | None = None,
+    ) -> None:
+        self.x, self.work, self.progress, self.state, self.end = executor, work, progress, state, end
+        self.fit_step = fit_step
+        self.ready: dict[int, deque[_Shard]] = {i: deque() for i in range(end)}
+        self.running: dict[Any, _Call] = {}
+        self.parts: list[Any] = []
+        self.in_flight = 0
+        self.limit = max(2, sum(s.settings.concurrency for s in work.plan.stages[:end]) + 1)
+        if fit_step is not None:
+            plan = work.plan
+            self.fields = sorted(plan.stages[fit_step].fit_fields())
+            self.seed = execution.fit_seed(plan, fit_step)
+            self.rate = sample_rate(execution.fit_cap(plan, fit_step), work.corpus_samples)
+            wanted = set(self.fields) | {"label"}
+            for stage in plan.stages[:fit_step]:
+                wanted |= stage.inputs()
+            self.skip_media = {"image", "audio"} - wanted
+        else:
+            self.skip_media = set()
+
+    def run(self, units: list[InputUnit]) -> list[Any]:
+        queue = deque(units)
+        while queue or self.running or any(self.ready.values()):
+            if self.work.stop.is_set():
+                self._interrupt()
+                break
+            while queue and self.in_flight < self.limit:
+                self._start(_Shard(queue.popleft()))
+            self._dispatch()
+            if not self.running:
+                continue
+            done, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5, fetch_local=False)
+            for ref in done:
+                self._handle(ref, self.running.pop(ref))
+            self._show()
+        return self.parts
+
+    def _show(self) -> None:
+        progress = self.progress
+        if not progress.due():
+            return
+        with contextlib.suppress(ray.exceptions.GetTimeoutError):
+            progress.samples = Counter(ray.get(self.x.sink.snapshot.remote(), timeout=5))
+        progress.show()
+
+    def _interrupt(self) -> None:
+        self.state.interrupted = True
+        for ref in list(self.running):
+            ray.cancel(ref)
+        self.running.clear()
+
+    # -------------------------------------------------------------------------------- submitting
+
+    def _start(self, shard: _Shard) -> None:
+        """Submit the shard's first call: its deepest cached step output, or its input."""
+        work, unit = self.work, shard.unit
+        start = execution.deepest_cache(work.out, work.plan, unit, self.end)
+        if start is None:
+            rows, history = remote(read_source, 2).remote(
+                unit,
+                work.plan.recipe,
+                work.run_id,
+                work.index.get(unit.shard_id),
+                work.drops.get(unit.shard_id, {}),
+                self.skip_media,
+            )
+            shard.position = 0
+        else:
+            rows, history = remote(read_cached, 2).remote(work.out, start[1], start[2], work.run_id)
+            shard.position = start[0] + 1
+        if shard.restarts == 0 and shard.attempts == 0:
+            self.in_flight += 1
+        self.running[history] = _Call("read", shard, outputs=(rows, history))
+
+    def _dispatch(self) -> None:
+        for index in range(self.end):
+            queue = self.ready[index]
+            while queue:
+                pool = self.x._pool(self.work, index)
+                actor = pool.free()
+                if actor is None:
+                    break
+                shard = queue.popleft()
+                rows, history = (
+                    pool.handles[actor]
+                    .run.options(num_returns=2)
+                    .remote(shard.unit.shard_id, shard.rows, shard.history)
+                )
+                pool.busy[actor] = True
+                self.running[history] = _Call("step", shard, index, actor, (rows, history))
+
+    def _advance(self, shard: _Shard) -> None:
+        if shard.position < self.end:
+            self.ready[shard.position].append(shard)
+            return
+        work, unit = self.work, shard.unit
+        if self.fit_step is not None:
+            part = remote(fit_sample).remote(shard.rows, self.fields, self.seed, self.rate)
+            self.running[part] = _Call("finish", shard)
+            return
+        prune = [] if work.keep_cache else execution.cache_rels(work.plan, unit)
+        plan = work.plan
+        ref = remote(commit_shard).remote(
+            work.out, unit, plan.recipe, plan.run_fingerprint, shard.rows, shard.history, prune
+        )
+        self.running[ref] = _Call("finish", shard)
+
+    # ---------------------------------------------------------------------------------- results
+
+    def _handle(self, ref: Any, call: _Call) -> None:
+        if call.kind == "ping":
+            self._pinged(ref, call)
+            return
+        if call.kind == "step":
+            self.x.pools[call.step].busy[call.actor] = False
+        shard = call.shard
+        assert shard is not None
+        try:
+            result = ray.get(ref) if call.kind != "finish" or self.fit_step is None else None
+        except Exception as exc:
+            self._failed(call, shard, exc)
+            return
+        if call.kind == "finish":
+            self._finished(shard, ref, result)
+            return
+        if call.kind == "read" and shard.position > 0:
+            for record in result["stages"][1:]:
+                if record["reused"]:
+                    self.progress.reused[record["stage"]] += 1
+                    self.state.reused[record["stage"]] += 1
+        shard.rows, shard.history = call.outputs  # type: ignore[misc]
+        if call.kind == "step":
+            shard.position = call.step + 1
+        self._advance(shard)
+
+    def _finished(self, shard: _Shard, ref: Any, result: Any) -> None:
+        self.in_flight -= 1
+        if self.fit_step is not None:
+            self.parts.append(ref)
+            return
+        self.state.committed[shard.unit.shard_id] = result
+        self.progress.shards_done += 1
+
+    def _failed(self, call: _Call, shard: _Shard, exc: Exception) -> None:
+        unit = shard.unit
+        if isinstance(exc, TaskCancelledError):
+            return
+        if isinstance(exc, RayActorError):
+            self._actor_died(call, shard, exc)
+            return
+        if isinstance(exc, ObjectLostError | WorkerCrashedError | NodeDiedError):
+            shard.restarts += 1
+            if shard.restarts <= LOST_RESTARTS:
+                log.warning(
+                    "shard %s: %s; restarting it from its last saved step", unit.shard_id, type(exc).__name__
+                )
+                self._start(shard)
+                return
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        if is_storage_error(cause):
+            raise RunAborted("storage", f"{type(cause).__name__}: {cause}") from exc
+        self._give_up(shard, type(cause).__name__, f"{type(cause).__name__}: {cause}")
+
+    def _give_up(self, shard: _Shard, cause: str, message: str) -> None:
+        self.in_flight -= 1
+        index = self.work.index.get(shard.unit.shard_id)
+        if self.fit_step is not None:
+            log.warning("shard %s left out of the fit sample: %s", shard.unit.shard_id, plain(message))
+            return
+        self.state.break_shard(shard.unit, cause, message, index.samples if index else None)
+
+    def _actor_died(self, call: _Call, shard: _Shard, exc: RayActorError) -> None:
+        step_name = self.work.plan.stages[call.step].name if call.step >= 0 else "read"
+        if exc.actor_init_failed:
+            raise RunAborted("stage_setup", f"stage {step_name} could not start: {plain(str(exc))}")
+        if call.kind == "step":
+            pool = self.x.pools[call.step]
+            pool.busy[call.actor] = True
+            ping = pool.handles[call.actor].ping.remote()
+            self.running[ping] = _Call("ping", None, call.step, call.actor)
+        shard.attempts += 1
+        if shard.attempts < self.x.max_attempts:
+            log.warning(
+                "shard %s: the %s worker died (attempt %d of %d); resubmitting",
+                shard.unit.shard_id,
+                step_name,
+                shard.attempts,
+                self.x.max_attempts,
+            )
+            self.ready[call.step].appendleft(shard)
+            return
+        tries = self.x.max_attempts * (self.x.max_task_retries + 1)
+        message = (
+            f"the {step_name} worker died {tries} times processing shard {shard.unit.shard_id} (a sample in "
+            "it crashes the worker, e.g. a native decoder fault); its samples are quarantined"
+        )
+        log.warning("shard %s is a poison shard: %s", shard.unit.shard_id, message)
+        if self.fit_step is not None:
+            self._give_up(shard, "worker_crashed", message)
+            return
+        work, plan = self.work, self.work.plan
+        prune = [] if work.keep_cache else execution.cache_rels(plan, shard.unit)
+        ref = remote(commit_lost_shard).remote(
+            work.out,
+            shard.unit,
+            plan.recipe,
+            plan.run_fingerprint,
+            shard.rows,
+            shard.history,
+            step_name,
+            message,
+            prune,
+        )
+        self.running[ref] = _Call("finish", shard)
+
+    def _pinged(self, ref: Any, call: _Call) -> None:
+        """A suspect actor answered (free again) or is dead for good (replaced by a fresh one)."""
+        pool = self.x.pools[call.step]
+        try:
+            ray.get(ref)
+        except RayActorError as exc:
+            if exc.actor_init_failed:
+                name = self.work.plan.stages[call.step].name
+                raise RunAborted("stage_setup", f"stage {name} could not start: {plain(str(exc))}") from exc
+            pool.replaced += 1
+            if pool.replaced > REPLACEMENTS_PER_STEP:
+                name = self.work.plan.stages[call.step].name
+                raise RunAborted(
+                    "worker_crashed", f"the {name} workers keep dying ({pool.replaced} replaced)"
+                ) from exc
+            pool.handles[call.actor] = self.x._new_actor(self.work, call.step)
+        pool.busy[call.actor] = False

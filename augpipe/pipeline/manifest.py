@@ -1,29 +1,34 @@
-"""``manifest.json``: what a corpus is and how it was made, assembled from the shards' stats records.
+"""``_augpipe/manifest.json``: what a corpus is and how it was made, assembled from the shards' stats records.
 
-Built from the per-shard records rather than from the driver's memory, so the manifest of a resumed run
-accounts for the shards an earlier, killed run committed. Validated against ``manifests/manifest.schema.json``
-before it is written.
+Built from the per-shard records on disk, streaming, rather than from the driver's memory: the manifest of a
+resumed run accounts for the shards an earlier, killed run committed, and its size grows with the number of
+shards, not samples. It keeps the history of runs (``runs``: nightly ``--incremental`` runs append), lists
+every output with the run that wrote it (so a trainer can select tonight's shards), and carries a checksum of
+its own content (``integrity``) so an edited manifest is detected. Validated against
+``manifests/manifest.schema.json`` before it is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 import augpipe
-from augpipe.pipeline.inputs import InputUnit, file_sha256
+from augpipe.pipeline import layout
+from augpipe.pipeline.execution import global_steps
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.rowcodec import json_default
-from augpipe.pipeline.worker import artifact_dir, read_fit
-from augpipe.pipeline.writer import QUARANTINE_DIR, atomic_write
+from augpipe.pipeline.storage import Store
+from augpipe.pipeline.worker import read_fit
 
-SCHEMA_VERSION = "1.0"
-MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = "2.0"
+EXAMPLES = 20
 
 
 def schema_path() -> Path:
@@ -35,30 +40,31 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     jsonschema.validate(manifest, json.loads(schema_path().read_text()))
 
 
+def _new_stage_total(device: str) -> dict[str, Any]:
+    return {
+        "samples_in": 0,
+        "samples_out": 0,
+        "failed": 0,
+        "wall_s": 0.0,
+        "device_s": 0.0,
+        "counts": Counter(),
+        "reused_shards": 0,
+        "device": device,
+    }
+
+
 def _stage_totals(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     totals: dict[str, dict[str, Any]] = {}
     for shard in shards:
         for record in shard["stages"]:
-            entry = totals.setdefault(
-                record["stage"],
-                {
-                    "samples_in": 0,
-                    "samples_out": 0,
-                    "failed": 0,
-                    "wall_s": 0.0,
-                    "device_s": 0.0,
-                    "counts": Counter(),
-                    "reused_shards": 0,
-                    "device": record["device"],
-                },
-            )
+            entry = totals.setdefault(record["stage"], _new_stage_total(record["device"]))
             for name in ("samples_in", "samples_out", "failed"):
                 entry[name] += record[name]
             entry["counts"].update(record.get("counts", {}))
             entry["wall_s"] += record["wall_s"]
             if record["device"] != "cpu":
                 entry["device_s"] += record["wall_s"]
-            entry["reused_shards"] += int(record["reused"])
+            entry["reused_shards"] += int(record.get("reused", False))
     for entry in totals.values():
         entry["counts"] = dict(entry["counts"])
         entry["samples_per_s"] = entry["samples_out"] / entry["wall_s"] if entry["wall_s"] > 0 else 0.0
@@ -66,54 +72,106 @@ def _stage_totals(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return totals
 
 
-def _failures(shards: list[dict[str, Any]]) -> dict[str, Any]:
+def _failures(shards: list[dict[str, Any]], broken: dict[str, dict[str, Any]]) -> dict[str, Any]:
     by_cause: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     for shard in shards:
-        for failure in shard["failures"]:
-            by_cause[failure["cause"]] += 1
-            if len(examples) < 20:
-                examples.append({k: failure[k] for k in ("key", "stage", "cause", "message")})
+        summary = shard["failures"]
+        by_cause.update(summary["by_cause"])
+        examples.extend(summary["examples"][: max(0, EXAMPLES - len(examples))])
+    for shard_id, info in broken.items():
+        if info.get("samples"):
+            by_cause[f"shard_not_written:{info['cause']}"] += info["samples"]
+        if len(examples) < EXAMPLES:
+            examples.append(
+                {"key": shard_id, "stage": "shard", "cause": info["cause"], "message": info["message"]}
+            )
     return {
         "total": sum(by_cause.values()),
         "by_cause": dict(by_cause),
         "examples": examples,
-        "quarantine": QUARANTINE_DIR,
+        "quarantine": layout.QUARANTINE_DIR,
     }
 
 
-def _artifacts(plan: Plan, out_dir: Path) -> dict[str, Any]:
+def _artifacts(plan: Plan, store: Store) -> dict[str, Any]:
     """What each global stage fitted (e.g. the GMM's M and BIC curve), with where its state is saved."""
+    from augpipe.pipeline.execution import artifact_rel
+
     found = {}
-    for stage, chain_fp in zip(plan.stages, plan.chain, strict=True):
-        if stage.needs_fit:
-            folder = artifact_dir(out_dir, stage.name, chain_fp)
-            record = read_fit(folder)
-            if record is not None:
-                found[stage.name] = {"path": str(folder.relative_to(out_dir)), **record}
+    for index in global_steps(plan):
+        folder = artifact_rel(plan, index)
+        record = read_fit(store, folder)
+        if record is not None:
+            found[plan.stages[index].name] = {"path": folder, **record}
     return found
+
+
+def _inputs(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each input file once, with the checksum taken when it was indexed."""
+    seen: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        ident = shard.get("input_identity", {})
+        if ident.get("path") and ident.get("sha256") and ident["path"] not in seen:
+            seen[ident["path"]] = {k: ident[k] for k in ("path", "sha256", "bytes", "mtime_ns") if k in ident}
+    return [seen[p] for p in sorted(seen)]
+
+
+def _cache_use(store: Store) -> dict[str, int]:
+    files = store.list_files(layout.CACHE_DIR, recursive=True)
+    return {"bytes": sum(f.size for f in files), "files": len(files)}
+
+
+def integrity(manifest: dict[str, Any]) -> str:
+    """The checksum of a manifest's content without its ``integrity`` field (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=json_default).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def run_record(
+    run_id: str,
+    started: datetime,
+    finished: datetime,
+    plan: Plan,
+    committed: dict[str, dict[str, Any]],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """One entry of ``runs``: what this run added to the corpus."""
+    failed = sum(s["failures"]["total"] for s in committed.values())
+    return {
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "config_hash": plan.recipe.config_hash(),
+        "fingerprint": plan.run_fingerprint,
+        "shards_added": sorted(committed),
+        "samples": {
+            "in": sum(s["samples_in"] for s in committed.values()),
+            "out": sum(s["samples_out"] for s in committed.values()),
+            "failed": failed,
+        },
+        **extra,
+    }
 
 
 def build_manifest(
     plan: Plan,
-    out_dir: Path,
-    units: list[InputUnit],
-    shards: dict[str, dict[str, Any]],
-    started: datetime,
-    broken: dict[str, str],
-    run_id: str,
+    store: Store,
+    shards: list[dict[str, Any]],
+    broken: dict[str, dict[str, Any]],
+    runs: list[dict[str, Any]],
     cluster: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest of the corpus as it stands: every committed shard, including earlier runs'."""
     recipe = plan.recipe
-    ordered = [shards[u.shard_id] for u in units if u.shard_id in shards]
-    inputs = {u.path for u in units if u.shard_id in shards}
-    samples_in = sum(s["stages"][0]["samples_in"] for s in ordered if s["stages"])
-    failures = _failures(ordered)
-    stages = _stage_totals(ordered)
-    return {
+    current = runs[-1]
+    samples_in = sum(s["samples_in"] for s in shards) + sum(b.get("samples") or 0 for b in broken.values())
+    failures = _failures(shards, broken)
+    stages = _stage_totals(shards)
+    manifest = {
         "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
+        "run_id": current["run_id"],
         "augpipe_version": augpipe.__version__,
         "recipe": recipe.name,
         "config": recipe.model_dump(mode="json"),
@@ -122,36 +180,55 @@ def build_manifest(
         "seed": recipe.seed,
         "multiple": recipe.multiple,
         "models": [stage.describe() for stage in plan.stages],
-        "inputs": [
-            {"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(inputs)
+        "inputs": _inputs(shards),
+        "outputs": [
+            {
+                "shard": s["shard"],
+                "run_id": s.get("run_id", ""),
+                **{k: e[k] for k in ("path", "sha256", "bytes", "samples")},
+            }
+            for s in shards
+            for e in s["outputs"]
         ],
-        "outputs": [{"shard": s["shard"], **entry} for s in ordered for entry in s["outputs"]],
         "samples": {
             "in": samples_in,
-            "out": sum(s["samples_out"] for s in ordered),
+            "out": sum(s["samples_out"] for s in shards),
             "failed": failures["total"],
             "failure_rate": failures["total"] / samples_in if samples_in else 0.0,
         },
         "stages": stages,
-        "reused": {
-            name: totals["reused_shards"] for name, totals in stages.items() if totals["reused_shards"]
-        },
+        "reused": {name: t["reused_shards"] for name, t in stages.items() if t["reused_shards"]},
         "failures": failures,
-        "artifacts": _artifacts(plan, out_dir),
+        "artifacts": _artifacts(plan, store),
         "incomplete_shards": broken,
         "cluster": cluster,
-        "started_at": started.isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(),
+        "storage": {"cache": _cache_use(store)},
+        "runs": runs,
+        "started_at": current["started_at"],
+        "finished_at": current["finished_at"],
     }
+    manifest["integrity"] = integrity(manifest)
+    return manifest
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(store: Store, manifest: dict[str, Any]) -> str:
     validate_manifest(manifest)
-    path = out_dir / MANIFEST_NAME
     blob = json.dumps(manifest, indent=2, default=json_default).encode()
-    atomic_write(path, lambda fh: fh.write(blob))
-    return path
+    store.write_bytes(layout.MANIFEST, blob)
+    return store.display(layout.MANIFEST)
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    return json.loads((out_dir / MANIFEST_NAME).read_text())
+class ManifestError(ValueError):
+    """A folder without a readable manifest."""
+
+
+def read_manifest(location: Store | str | Path) -> dict[str, Any]:
+    """The manifest of a corpus (in ``_augpipe/``, or at the top for augpipe 0.1 corpora)."""
+    store = location if isinstance(location, Store) else Store(location)
+    rel = layout.manifest_path(store)
+    if rel is None:
+        raise ManifestError(f"{store.display()} has no augpipe manifest (not an augpipe output folder?)")
+    try:
+        return json.loads(store.read_bytes(rel))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{store.display(rel)} is not valid JSON: {exc}") from exc

@@ -1,9 +1,11 @@
 """Reading untrusted input shards into rows, one sample at a time, never trusting a member.
 
-Tar members come from webdataset's own tar iterator; grouping and decoding are ours so that every
-problem becomes a ``Failure`` naming the sample and the cause instead of an exception that ends the shard:
-truncated tars keep the samples before the damage, pickles are refused unread, keys that could escape a
-directory or break WebDataset's key rule are refused, and decoded sizes are bounded.
+Tar members come from ``tarscan``, which accounts for every byte of the archive; decoding is ours, so that
+every problem becomes a ``Failure`` naming the sample and the cause instead of an exception that ends the
+shard: damaged archives keep the samples around the damage, pickles are refused unread, links and devices
+are refused, keys that could escape a folder or break WebDataset's key rule are refused, member sizes are
+checked from the header before a byte is read, decoded sizes are bounded, and a key seen twice keeps its
+first sample (later copies fail as ``duplicate_key``, also across shards via ``drop``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,17 +24,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import soundfile
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from augpipe.pipeline.config import Limits
 from augpipe.pipeline.inputs import InputUnit
-from augpipe.pipeline.rows import Failure, Row
+from augpipe.pipeline.rows import Failure, Row, key_digest
+from augpipe.pipeline.tarscan import Damage, Sample, Skipped, key_of, read_member, scan_samples
 
 READ_STAGE = "read"
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp"}
 AUDIO_EXTS = {"flac", "wav", "ogg"}
 TEXT_EXTS = {"txt", "text", "caption"}
-META_EXTS = {"json", "cls"}
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"}
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*(/[A-Za-z0-9_][A-Za-z0-9_\-]*)*$")
 
@@ -78,7 +79,9 @@ def _decode_image(data: bytes, name: str, limits: Limits) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > limits.max_image_pixels:
                 raise SampleError(
-                    "image_too_large", f"{name} is {image.width}x{image.height}, over the pixel limit"
+                    "image_too_large",
+                    f"{name} is {image.width}x{image.height} = {image.width * image.height:,} pixels; "
+                    f"the limit is {limits.max_image_pixels:,}",
                 )
             return image.convert("RGB")
     except SampleError:
@@ -89,11 +92,17 @@ def _decode_image(data: bytes, name: str, limits: Limits) -> Image.Image:
 
 def _decode_audio(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, int]:
     try:
+        info = soundfile.info(io.BytesIO(data))
+        if info.duration > limits.max_audio_seconds:
+            raise SampleError(
+                "audio_too_long",
+                f"{name} lasts {info.duration:.1f} s; the limit is {limits.max_audio_seconds:g} s",
+            )
         audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except SampleError:
+        raise
     except Exception as exc:
         raise SampleError("undecodable_audio", f"{name} could not be decoded: {_reason(exc)}") from exc
-    if len(audio) / rate > limits.max_audio_seconds:
-        raise SampleError("audio_too_long", f"{name} lasts {len(audio) / rate:.0f} s, over the limit")
     return audio.mean(axis=1), int(rate)
 
 
@@ -101,20 +110,21 @@ def _label_from(meta: dict[str, Any]) -> Any:
     return meta.get("label", meta.get("class"))
 
 
-def decode_sample(key: str, members: dict[str, bytes], limits: Limits) -> Row:
-    """One WebDataset sample (extension -> bytes) into a row, or SampleError with the cause."""
+def check_key(key: str) -> None:
     if not SAFE_KEY.match(key):
         raise SampleError("unsafe_key", f"key {key!r} is not a safe sample key (letters, digits, _ - /)")
-    refused = sorted(set(members) & PICKLE_EXTS)
-    if refused:
-        raise SampleError(
-            "refused_pickle", f"member {key}.{refused[0]} is a pickle; augpipe never unpickles shard members"
-        )
+
+
+def media_field(ext: str) -> str | None:
+    """The row field a media member decodes into (``image`` or ``audio``), else None."""
+    return "image" if ext in IMAGE_EXTS else "audio" if ext in AUDIO_EXTS else None
+
+
+def decode_members(key: str, members: dict[str, bytes], limits: Limits) -> Row:
+    """One WebDataset sample (extension -> bytes) into a row, or SampleError with the cause."""
     row: Row = {"key": key, "variant": (), "lineage": {}}
     for ext, data in members.items():
         name = f"{key}.{ext}"
-        if len(data) > limits.max_member_bytes:
-            raise SampleError("member_too_large", f"{name} has {len(data):,} bytes, over the member limit")
         if ext in TEXT_EXTS:
             row["text"] = _decode_text(data, name, limits)
         elif ext in IMAGE_EXTS:
@@ -132,12 +142,36 @@ def decode_sample(key: str, members: dict[str, bytes], limits: Limits) -> Row:
                     row.setdefault("label", _label_from(meta))
         elif ext == "cls":
             row["label"] = _decode_text(data, name, limits)
-    if set(row) == {"key", "variant", "lineage"} | ({"meta"} & set(row)):
+    if set(row) <= {"key", "variant", "lineage", "meta"}:
         raise SampleError(
             "unknown_member_type",
             f"sample {key} has no usable member (found: {', '.join(sorted(members))})",
         )
     return row
+
+
+def _check_sample(sample: Sample, limits: Limits) -> None:
+    """Refusals decided from tar headers alone, before any member is read."""
+    check_key(sample.key)
+    if sample.others:
+        other = sample.others[0]
+        target = f" to {other.target}" if other.target else ""
+        raise SampleError(
+            "non_regular_member",
+            f"member {other.name} is a {other.kind}{target}; augpipe reads regular files only",
+        )
+    refused = sorted(set(sample.members) & PICKLE_EXTS)
+    if refused:
+        raise SampleError(
+            "refused_pickle",
+            f"member {sample.key}.{refused[0]} is a pickle; augpipe never unpickles shard members",
+        )
+    for ext, member in sample.members.items():
+        if member.size > limits.max_member_bytes:
+            raise SampleError(
+                "member_too_large",
+                f"{sample.key}.{ext} has {member.size:,} bytes; the limit is {limits.max_member_bytes:,}",
+            )
 
 
 def _check_fields(row: Row, required: list[str]) -> None:
@@ -148,108 +182,171 @@ def _check_fields(row: Row, required: list[str]) -> None:
         raise SampleError("empty_text", f"sample {row['key']} has an empty text")
 
 
-def _grouped_members(stream: Any, result: ReadResult, label: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive members sharing a key, as WebDataset groups them; damage ends the shard, not the run."""
-    errors: list[Exception] = []
+class _Admission:
+    """Counts samples in, keeps good rows, and records why each bad one was refused (once per key)."""
 
-    def keep_error(exc: Exception) -> bool:
-        errors.append(exc)
-        return False
+    def __init__(
+        self, unit: InputUnit, required: list[str], drop: dict[bytes, str], skip_media: set[str]
+    ) -> None:
+        self.result = ReadResult()
+        self.unit, self.drop, self.skip_media = unit, drop, skip_media
+        self.required = [f for f in required if f not in skip_media]
+        self.seen: set[str] = set()
 
-    key, members = None, {}
-    try:
-        for item in tar_file_iterator(stream, handler=keep_error):
-            prefix, ext = base_plus_ext(item["fname"])
-            if prefix is None:
-                result.counts["ignored_members"] += 1
-                continue
-            if key is not None and prefix != key:
-                yield key, members
-                members = {}
-            key = prefix
-            members[ext.lower()] = item["data"]
-    except Exception as exc:
-        errors.append(exc)
-    if key is not None:
-        yield key, members
-    if errors:
-        last = f" after sample {key}" if key is not None else ""
-        result.failures.append(
-            Failure(label, READ_STAGE, "corrupt_shard", f"{label}: unreadable{last}: {errors[0]}")
-        )
+    def fail(self, key: str, cause: str, message: str) -> None:
+        self.result.failures.append(Failure(key, READ_STAGE, cause, message))
+
+    def admit(self, key: str, decode: Callable[[], Row]) -> None:
+        self.result.counts["samples_in"] += 1
+        if key in self.seen:
+            self.fail(
+                key, "duplicate_key", f"key {key} repeats an earlier sample of {self.unit.label} (kept)"
+            )
+            return
+        self.seen.add(key)
+        owner = self.drop.get(key_digest(key)) if self.drop else None
+        if owner is not None:
+            self.fail(key, "duplicate_key", f"key {key} is also in {owner}, which comes first (kept)")
+            return
+        try:
+            row = decode()
+            _check_fields(row, self.required)
+        except SampleError as exc:
+            self.fail(key, exc.cause, str(exc))
+            return
+        self.result.rows.append(row)
 
 
 def _sidecar_columns(unit: InputUnit) -> dict[str, dict[str, Any]]:
+    """key -> {column: value} from the tar's Parquet sidecar; vector columns become float32 arrays."""
     if unit.sidecar is None:
         return {}
-    table = pq.read_table(unit.sidecar)
+    with unit.source.open_read(unit.sidecar) as fh:
+        table = pq.read_table(fh)
     if "key" not in table.column_names:
         return {}
-    columns = [c for c in table.column_names if c != "key"]
+    keys = table["key"].to_pylist()
+    values: dict[str, list[Any]] = {}
+    for name in table.column_names:
+        if name != "key":
+            values[name] = _column_values(table[name])
     return {
-        row["key"]: {c: _as_value(row[c]) for c in columns if row[c] is not None} for row in table.to_pylist()
+        key: {name: column[i] for name, column in values.items() if column[i] is not None}
+        for i, key in enumerate(keys)
     }
 
 
-def _as_value(value: Any) -> Any:
-    return np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
+def _column_values(column: pa.ChunkedArray) -> list[Any]:
+    """Python values of a column; numeric list columns as float32 arrays (fast path for embeddings)."""
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type) and column.null_count == 0:
+        flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return list(flat.reshape(len(column), kind.list_size))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
+    return column.to_pylist()
 
 
-def _admit(result: ReadResult, key: str, decode: Callable[[], Row], required: list[str]) -> None:
-    """Count a sample in and keep its row, or record why it cannot be used."""
-    result.counts["samples_in"] += 1
-    try:
-        row = decode()
-        _check_fields(row, required)
-    except SampleError as exc:
-        result.failures.append(Failure(key, READ_STAGE, exc.cause, str(exc)))
-        return
-    result.rows.append(row)
+def _tar_samples(stream: IO[bytes], size: int, admission: _Admission, limits: Limits) -> None:
+    extras = _sidecar_columns(admission.unit)
+    label = admission.unit.label
+    counts = admission.result.counts
+    for item in scan_samples(stream, size):
+        if isinstance(item, Skipped):
+            counts["skipped_members"] += 1
+            continue
+        if isinstance(item, Damage):
+            counts["samples_in"] += 1
+            counts["damaged_regions"] += 1
+            key = key_of(item.member)[0] if item.member else None
+            where = f"sample {key}" if key else "an unknown number of samples"
+            admission.fail(
+                key or label,
+                "corrupt_shard",
+                f"{label}: damaged at byte {item.offset:,}: {item.message}; {where} lost there",
+            )
+            continue
+
+        def decode(sample: Sample = item) -> Row:
+            _check_sample(sample, limits)
+            data = {
+                ext: read_member(stream, member)
+                for ext, member in sample.members.items()
+                if media_field(ext) not in admission.skip_media
+            }
+            if not data:
+                return {"key": sample.key, "variant": (), "lineage": {}}
+            row = decode_members(sample.key, data, limits)
+            for column, value in extras.get(sample.key, {}).items():
+                row.setdefault(column, value)
+            return row
+
+        admission.admit(item.key, decode)
 
 
-def read_tar(unit: InputUnit, required: list[str], limits: Limits) -> ReadResult:
-    result = ReadResult()
-    extras = _sidecar_columns(unit)
-
-    def decode(key: str, members: dict[str, bytes]) -> Row:
-        row = decode_sample(key, members, limits)
-        for column, value in extras.get(key, {}).items():
-            row.setdefault(column, value)
-        return row
-
-    with unit.path.open("rb") as stream:
-        for key, members in _grouped_members(stream, result, unit.label):
-            _admit(result, key, lambda k=key, m=members: decode(k, m), required)
-    return result
+def read_tar(
+    unit: InputUnit, required: list[str], limits: Limits, drop: dict[bytes, str], skip_media: set[str]
+) -> ReadResult:
+    admission = _Admission(unit, required, drop, skip_media)
+    with unit.source.local_copy(unit.rel) as path, path.open("rb") as stream:
+        _tar_samples(stream, path.stat().st_size, admission, limits)
+    return admission.result
 
 
-def _read_table(unit: InputUnit) -> pa.Table:
-    table = pq.read_table(unit.path) if unit.kind == "parquet" else pacsv.read_csv(unit.path)
-    return table.slice(unit.start, (unit.stop or table.num_rows) - unit.start)
+def table_records(unit: InputUnit) -> Iterator[dict[str, Any]]:
+    """The unit's rows of a Parquet (only the row groups it spans) or CSV table, as dicts."""
+    stop = unit.stop if unit.stop is not None else float("inf")
+    with unit.source.open_read(unit.rel) as fh:
+        batches = pq.ParquetFile(fh).iter_batches(1024) if unit.kind == "parquet" else pacsv.open_csv(fh)
+        position = 0
+        for batch in batches:
+            end = position + batch.num_rows
+            if end > unit.start and position < stop:
+                lo, hi = max(unit.start - position, 0), min(stop - position, batch.num_rows)
+                yield from batch.slice(lo, hi - lo).to_pylist()
+            position = end
+            if position >= stop:
+                return
 
 
-def read_tabular(unit: InputUnit, required: list[str], limits: Limits) -> ReadResult:
-    result = ReadResult()
+def table_key(record: dict[str, Any], row_number: int) -> str:
+    return str(record.get("key") or f"row{row_number:09d}")
+
+
+def read_tabular(
+    unit: InputUnit, required: list[str], limits: Limits, drop: dict[bytes, str], skip_media: set[str]
+) -> ReadResult:
+    admission = _Admission(unit, required, drop, skip_media)
 
     def decode(key: str, record: dict[str, Any]) -> Row:
-        if not SAFE_KEY.match(key):
-            raise SampleError("unsafe_key", f"key {key!r} is not a safe sample key")
+        check_key(key)
         row: Row = {"key": key, "variant": (), "lineage": {}}
         for column, value in record.items():
-            if value is None:
+            if value is None or column == "key":
                 continue
             if column == "text":
                 value = _decode_text(str(value).encode(), f"{unit.label} row {key}", limits)
-            row[column] = _as_value(value)
+            row[column] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
         return row
 
-    for offset, record in enumerate(_read_table(unit).to_pylist()):
-        key = str(record.pop("key", None) or f"row{unit.start + offset:09d}")
-        _admit(result, key, lambda k=key, r=record: decode(k, r), required)
-    return result
+    for offset, record in enumerate(table_records(unit)):
+        key = table_key(record, unit.start + offset)
+        admission.admit(key, lambda k=key, r=record: decode(k, r))
+    return admission.result
 
 
-def read_unit(unit: InputUnit, required: list[str], limits: Limits) -> ReadResult:
-    """Every row of ``unit`` that passes the checks, and a Failure for every one that does not."""
+def read_unit(
+    unit: InputUnit,
+    required: list[str],
+    limits: Limits,
+    drop: dict[bytes, str] | None = None,
+    skip_media: set[str] | None = None,
+) -> ReadResult:
+    """Every row of ``unit`` that passes the checks, and a Failure for every one that does not.
+
+    ``drop`` maps key digests (``rows.key_digest``) to the earlier shard that holds the key; those samples
+    fail as ``duplicate_key``. ``skip_media`` (``image``, ``audio``) leaves those members undecoded, for a
+    pass that needs only a sidecar's embeddings and labels.
+    """
     reader = read_tar if unit.kind == "tar" else read_tabular
-    return reader(unit, required, limits)
+    return reader(unit, required, limits, drop or {}, skip_media or set())

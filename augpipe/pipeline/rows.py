@@ -51,6 +51,11 @@ def derive_seed(run_seed: int, key: str, stage: str, variant: tuple[int, ...] = 
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
+def key_digest(key: str) -> bytes:
+    """A 128-bit digest of a sample key: how keys are compared across shards without holding them."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
 def fan_out(row: Row, index: int) -> Row:
     """A copy of ``row`` for variant ``index`` of a fan-out stage; lineage is copied, not shared."""
     child = dict(row)

@@ -1,29 +1,61 @@
-"""One augmentation run: plan, find the work not yet done, execute it, write the manifest."""
+"""One augmentation run, from the output folder's lock to its manifest.
+
+1. Lock the output folder (one run at a time), move a 0.1 corpus's files under ``_augpipe/``, check that
+   it is writable and has room, and remove only temporary files augpipe itself left.
+2. Plan the recipe, find the input units, and refuse to write over another corpus (``corpus``).
+3. Index every input (counts, checksums, keys repeated across shards), verify what earlier runs
+   committed, set aside outputs of vanished inputs and stray data files.
+4. Execute what is left (Ray, or in-process), then write the manifest with this run appended to its
+   history. A run stopped by a signal, a full disk or a stage that cannot load still writes the manifest of
+   what it finished when it can.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import ray
-
-from augpipe.pipeline.config import Recipe
-from augpipe.pipeline.executor import Executor, RunState, init_ray, is_done
+from augpipe.pipeline import corpus, layout
+from augpipe.pipeline.config import ConfigError, Recipe
+from augpipe.pipeline.execution import Executor, RunAborted, RunState, Work, log
+from augpipe.pipeline.index import IndexSummary, drop_digest
 from augpipe.pipeline.inputs import InputUnit, discover_inputs
-from augpipe.pipeline.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
-from augpipe.pipeline.plan import build_plan
+from augpipe.pipeline.lock import OutputLock
+from augpipe.pipeline.manifest import ManifestError, build_manifest, read_manifest, run_record, write_manifest
+from augpipe.pipeline.plan import Plan, build_plan
+from augpipe.pipeline.storage import StorageError, Store, is_storage_error
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: where, which shards, and what to keep. Defaults are the embedded local run."""
+
+    address: str | None = None
+    incremental: bool = False
+    max_failure_rate: float = 0.05
+    progress: bool = True
+    overwrite: bool = False
+    keep_cache: bool = False
+    verify: bool = False
+    executor: str = "ray"
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """The manifest as written, and whether the run stayed within its failure budget."""
+    """The manifest as written (None when it could not be), and how the run ended."""
 
     manifest: dict[str, Any]
-    manifest_path: Path
+    manifest_path: str | None
     max_failure_rate: float
+    interrupted: bool = False
+    aborted: RunAborted | None = None
+    manifest_error: str | None = None
 
     @property
     def failure_rate(self) -> float:
@@ -31,52 +63,234 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.failure_rate <= self.max_failure_rate and not self.manifest["incomplete_shards"]
+        return (
+            self.failure_rate <= self.max_failure_rate
+            and not self.manifest["incomplete_shards"]
+            and not self.interrupted
+            and self.aborted is None
+        )
 
 
-def remove_partials(out_dir: Path) -> int:
-    """Temporary files a killed run left behind; they never count as output."""
-    stale = list(out_dir.rglob(".*.partial"))
-    for path in stale:
-        path.unlink()
-    return len(stale)
+def output_store(out: str | Path) -> Store:
+    """The output folder; an existing file there is a usage error, not a corpus."""
+    store = Store(out)
+    if not store.remote and store.local_path().is_file():
+        raise ConfigError(f"--output {store.display()} is a file; give a folder (it is created if missing)")
+    return store
 
 
-def _previously_seen(out_dir: Path) -> set[str]:
-    if not (out_dir / MANIFEST_NAME).exists():
-        return set()
-    return {entry["path"] for entry in read_manifest(out_dir)["inputs"]}
+def preflight(store: Store, units: list[InputUnit]) -> None:
+    """Fail before any work when the output cannot hold one more shard (a rough, generous estimate)."""
+    free = store.free_bytes()
+    largest = max((u.size for u in units), default=0)
+    needed = 2 * largest
+    if free is not None and free < needed:
+        raise StorageError(
+            f"{store.display()} has {free / 2**20:.1f} MiB free; "
+            f"one shard needs about {needed / 2**20:.1f} MiB"
+        )
+
+
+def _previous(store: Store) -> dict[str, Any] | None:
+    try:
+        return read_manifest(store)
+    except ManifestError:
+        return None
+
+
+def make_executor(name: str, address: str | None) -> tuple[Executor, bool]:
+    """The executor, and whether this call started Ray (and must stop it)."""
+    if name == "local":
+        from augpipe.pipeline.local_executor import LocalExecutor
+
+        return LocalExecutor(), False
+    from augpipe.pipeline.executor import RayExecutor, init_ray
+
+    started = init_ray(address)
+    return RayExecutor(), started
+
+
+def _set_aside(store: Store, units: list[InputUnit], run_id: str, incremental: bool) -> dict[str, Any]:
+    """Move out what the corpus no longer owns; an incremental run keeps shards of vanished inputs."""
+    found: dict[str, Any] = {}
+    if not incremental:
+        orphans = corpus.orphan_shards(store, units)
+        for stats in orphans:
+            corpus.set_aside(store, corpus.shard_files(stats), run_id, "orphans")
+        if orphans:
+            log.warning(
+                "set aside %d shards whose inputs are gone (%s) under %s/%s",
+                len(orphans),
+                ", ".join(s["shard"] for s in orphans),
+                layout.SET_ASIDE_DIR,
+                run_id,
+            )
+        found["orphans_set_aside"] = sorted(s["shard"] for s in orphans)
+    strays = corpus.set_aside(store, corpus.strays(store), run_id, "strays")
+    if strays:
+        log.warning("set aside %d data files no shard owns (%s)", len(strays), ", ".join(strays))
+    found["strays_set_aside"] = strays
+    return found
+
+
+@dataclass
+class _Prepared:
+    """The run's plan, its input units and those left to process, and what it found on the way."""
+
+    plan: Plan
+    units: list[InputUnit]
+    todo: list[InputUnit]
+    index: dict[str, IndexSummary]
+    drops: dict[str, dict[bytes, str]]
+    runs: list[dict[str, Any]]
+    extra: dict[str, Any]
+
+
+def _todo(
+    store: Store,
+    plan: Plan,
+    units: list[InputUnit],
+    executor: Executor,
+    previous: dict[str, Any] | None,
+    options: RunOptions,
+) -> tuple[list[InputUnit], dict[str, IndexSummary], dict[str, dict[bytes, str]]]:
+    """Index the inputs, verify committed shards, and return the units left to process."""
+    index, drops = executor.index(units, store)
+    digests = {shard: drop_digest(drop) for shard, drop in drops.items()}
+    verified = corpus.verify_done(store, units, plan.run_fingerprint, index, digests, options.verify)
+    for shard, reason in verified.redo.items():
+        log.warning("%s: %s, redone", shard, reason)
+    todo = [u for u in units if u.shard_id not in verified.done]
+    if options.incremental and previous is not None:
+        seen = {entry["path"] for entry in previous.get("inputs", [])}
+        todo = [u for u in todo if u.path not in seen]
+    return todo, index, drops
+
+
+def _execute(
+    prepared: _Prepared, executor: Executor, store: Store, run_id: str, options: RunOptions
+) -> RunState:
+    if not prepared.todo:
+        return RunState()
+    work = Work(
+        plan=prepared.plan,
+        out=store,
+        run_id=run_id,
+        units=prepared.todo,
+        corpus=prepared.units,
+        index=prepared.index,
+        drops=prepared.drops,
+        keep_cache=options.keep_cache,
+        progress=options.progress,
+        stop=options.stop,
+    )
+    return executor.run(work)
+
+
+def _finish(
+    prepared: _Prepared, store: Store, run_id: str, started: datetime, state: RunState, options: RunOptions
+) -> RunResult:
+    """Write the manifest of the corpus as it stands (or say why it could not be written)."""
+    order = {u.shard_id: i for i, u in enumerate(prepared.units)}
+    records = [
+        s for s in corpus.stats_records(store) if s.get("fingerprint") == prepared.plan.run_fingerprint
+    ]
+    shards = sorted(records, key=lambda s: (order.get(s["shard"], len(order)), s["shard"]))
+    extra = {
+        **prepared.extra,
+        "interrupted": state.interrupted,
+        "aborted": None if state.aborted is None else str(state.aborted),
+        "reused_caches": dict(state.reused),
+    }
+    record = run_record(run_id, started, datetime.now(UTC), prepared.plan, state.committed, extra)
+    manifest = build_manifest(
+        prepared.plan, store, shards, state.broken, [*prepared.runs, record], state.cluster
+    )
+    path, error = None, None
+    try:
+        path = write_manifest(store, manifest)
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    return RunResult(manifest, path, options.max_failure_rate, state.interrupted, state.aborted, error)
+
+
+def _run_locked(
+    plan: Plan, units: list[InputUnit], store: Store, run_id: str, options: RunOptions
+) -> RunResult:
+    started = datetime.now(UTC)
+    recipe = plan.recipe
+    if layout.is_legacy(store):
+        moved = layout.migrate_legacy(store)
+        log.info("moved %d files of an augpipe 0.1 corpus under %s/", len(moved), layout.AUGPIPE_DIR)
+    removed = store.remove_partials(layout.AUGPIPE_DIR) + store.remove_partials("", recursive=False)
+    if removed:
+        log.info("removed %d temporary files a killed run left", removed)
+    preflight(store, units)
+    previous = _previous(store)
+    clear = corpus.check_protection(store, recipe, plan.run_fingerprint, options.overwrite, previous)
+    if clear:
+        log.info("--overwrite: removed the %d shards of the previous corpus", corpus.clear_corpus(store))
+    executor, started_ray = make_executor(options.executor, options.address)
+    try:
+        todo, index, drops = _todo(store, plan, units, executor, previous, options)
+        extra = {"incremental": options.incremental, "overwrite": clear}
+        extra |= _set_aside(store, units, run_id, options.incremental)
+        runs = list(previous.get("runs", [])) if previous is not None and not clear else []
+        prepared = _Prepared(plan, units, todo, index, drops, runs, extra)
+        state = _execute(prepared, executor, store, run_id, options)
+    finally:
+        if started_ray:
+            from augpipe.pipeline.executor import shutdown
+
+            shutdown()
+    return _finish(prepared, store, run_id, started, state, options)
 
 
 def run_recipe(
     recipe: Recipe,
-    input_path: Path,
-    out_dir: Path,
-    address: str | None = None,
-    incremental: bool = False,
-    max_failure_rate: float = 0.05,
-    progress: bool = True,
+    input_path: str | Path,
+    out_dir: str | Path,
+    options: RunOptions | None = None,
+    **kwargs: Any,
 ) -> RunResult:
-    """Run ``recipe`` over ``input_path`` into ``out_dir``, skipping shards already done (resume)."""
+    """Run ``recipe`` over ``input_path`` into ``out_dir``, skipping shards already done (resume).
+
+    ``kwargs`` are ``RunOptions`` fields, for callers that set one or two.
+    """
+    options = options or RunOptions(**kwargs)
+    store = output_store(out_dir)
     plan = build_plan(recipe)
-    units = discover_inputs(input_path, recipe.shard_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_partials(out_dir)
-    done = {u.shard_id: stats for u in units if (stats := is_done(out_dir, u, plan.run_fingerprint))}
-    todo: list[InputUnit] = [u for u in units if u.shard_id not in done]
-    if incremental:
-        seen = _previously_seen(out_dir)
-        todo = [u for u in todo if str(u.path) not in seen]
-    started = datetime.now(UTC)
+    units = discover_inputs(str(input_path), recipe.shard_size)
     run_id = uuid.uuid4().hex
-    state = RunState(total=len(done), done=done)
-    if todo:
-        started_ray = init_ray(address)
-        try:
-            state = Executor(plan, out_dir, run_id, progress=progress).run(todo, done, units)
-        finally:
-            if started_ray:
-                ray.shutdown()
-    manifest = build_manifest(plan, out_dir, units, state.done, started, state.broken, run_id, state.cluster)
-    path = write_manifest(out_dir, manifest)
-    return RunResult(manifest=manifest, manifest_path=path, max_failure_rate=max_failure_rate)
+    try:
+        store.makedirs(layout.AUGPIPE_DIR)
+        lock = OutputLock.acquire(store, run_id)
+    except OSError as exc:
+        raise StorageError(f"{store.display()} is not writable: {exc.strerror or exc}") from exc
+    handler = _log_to_file(store, run_id)
+    try:
+        return _run_locked(plan, units, store, run_id, options)
+    finally:
+        _close_log(handler)
+        lock.release()
+
+
+def _log_to_file(store: Store, run_id: str) -> logging.Handler | None:
+    """The run's full log (tracebacks included) under ``_augpipe/logs/``; local outputs only."""
+    if store.remote:
+        return None
+    path = store.local_path(f"{layout.LOGS_DIR}/{run_id}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("augpipe").addHandler(handler)
+    return handler
+
+
+def _close_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("augpipe").removeHandler(handler)
+        handler.close()

@@ -55,6 +55,16 @@ class StageSettings(BaseModel):
     )
 
 
+class GlobalStageSettings(StageSettings):
+    """Options of a global stage (one that fits on the corpus before processing it)."""
+
+    fit_max_rows: int | None = Field(
+        default=50_000,
+        ge=2,
+        description="fit on a seeded sample of at most this many rows (null: every row); in the manifest",
+    )
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Run-wide facts a stage may need: the seed, the recipe's name, its fan-out k and its key tag."""

@@ -1,114 +1,110 @@
-"""What runs inside Ray workers: a stage over one shard's rows, the cache, and the shard's commit.
+"""What runs inside workers: reading a unit, a stage over one shard's rows, the cache, the fit, the commit.
 
-Nothing here imports Ray: the executor wraps these in actors and tasks. A shard's ``history`` (per-stage
-counts and every failure so far) travels with its rows, so whichever worker commits the shard, or reads
-a cached stage output later, has the full account of how its rows were made.
+Nothing here imports Ray: both executors call these functions, the Ray one inside actors and tasks. A
+shard's ``history`` (its input identity, per-stage records and every failure so far) travels with its rows,
+so whichever worker commits the shard, or reads a cached stage output later, has the full account of how
+its rows were made.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
+from augpipe.pipeline import layout
 from augpipe.pipeline.config import Recipe, StageEntry
+from augpipe.pipeline.index import IndexSummary, drop_digest
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.reader import READ_STAGE, read_unit
 from augpipe.pipeline.registry import build_stage
 from augpipe.pipeline.rowcodec import rows_to_table, table_to_rows
-from augpipe.pipeline.rows import Failure, Row, candidate_id
+from augpipe.pipeline.rows import Failure, Row, candidate_id, derive_seed
 from augpipe.pipeline.stage import StageContext
-from augpipe.pipeline.writer import atomic_write, write_quarantine, write_shard, write_stats
+from augpipe.pipeline.storage import Store
+from augpipe.pipeline.writer import write_quarantine, write_shard, write_stats
 
 History = dict[str, Any]
-CACHE_DIR = ".cache"
-ARTIFACTS_DIR = "artifacts"
 FIT_RECORD = "fit.json"
 ARTIFACT_FORMAT = 1
+FAILURE_EXAMPLES = 5
+BatchReport = Callable[[str, int], None]
+"""Called after every batch a stage finishes: (step name, rows it produced)."""
 
 
-def new_history(unit: InputUnit) -> History:
-    return {"shard": unit.shard_id, "input": unit.label, "stages": [], "failures": []}
+@dataclass
+class StageRecord:
+    """What one step did to one shard; summed per step into the manifest."""
+
+    stage: str
+    samples_in: int
+    samples_out: int
+    failed: int
+    wall_s: float
+    device: str
+    run_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+    reused: bool = False
 
 
-def cache_files(out_dir: Path, stage_name: str, chain_fp: str, shard_id: str) -> tuple[Path, Path]:
-    folder = out_dir / CACHE_DIR / f"{stage_name}-{chain_fp}"
-    return folder / f"{shard_id}.parquet", folder / f"{shard_id}.history.json"
-
-
-def artifact_dir(out_dir: Path, stage_name: str, chain_fp: str) -> Path:
-    """Where a global stage's fitted state lives: versioned by the stage's chain fingerprint."""
-    return out_dir / ARTIFACTS_DIR / f"{stage_name}-{chain_fp}"
-
-
-def read_fit(folder: Path) -> dict[str, Any] | None:
-    """The fit record of a global stage, or None if it was never completed."""
-    try:
-        return json.loads((folder / FIT_RECORD).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def fit_global(
-    entry: StageEntry, context: StageContext, columns: dict[str, list[Any]], folder: str
-) -> dict[str, Any]:
-    """Fit a global stage once over the corpus; its record is written last, so a half fit is never used."""
-    stage = build_stage(entry, context)
-    stage.check()
-    stage.setup()
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    summary = stage.fit(columns, path)
-    record = {
-        "format": ARTIFACT_FORMAT,
-        "stage": stage.name,
-        "describe": stage.describe(),
-        "rows": len(columns.get("key", [])),
-        "fit_s": time.perf_counter() - started,
-        "summary": summary,
+def new_history(unit: InputUnit, index: IndexSummary | None, drop: dict[bytes, str]) -> History:
+    identity = dict(index.identity) if index else unit.identity()
+    if index:
+        identity["sha256"] = index.sha256
+    return {
+        "shard": unit.shard_id,
+        "input": unit.label,
+        "input_identity": identity,
+        "drop_digest": drop_digest(drop),
+        "stages": [],
+        "failures": [],
     }
-    blob = json.dumps(record, indent=1, default=str).encode()
-    atomic_write(path / FIT_RECORD, lambda fh: fh.write(blob))
-    return record
 
 
-def project_rows(rows: list[Row], fields: list[str]) -> dict[str, list[Any]]:
-    """Only the fields a global fit reads, so the driver gathers columns, not whole rows with media."""
-    return {name: [row.get(name) for row in rows] for name in ["key", *fields]}
-
-
-def read_source(unit: InputUnit, recipe: Recipe, run_id: str) -> tuple[list[Row], History]:
+def read_source(
+    unit: InputUnit,
+    recipe: Recipe,
+    run_id: str,
+    index: IndexSummary | None,
+    drop: dict[bytes, str],
+    skip_media: set[str] | None = None,
+) -> tuple[list[Row], History]:
     """Decode an input unit; bad samples become failures of the ``read`` stage."""
     started = time.perf_counter()
-    result = read_unit(unit, recipe.input, recipe.limits)
-    history = new_history(unit)
-    history["stages"].append(
-        {
-            "stage": READ_STAGE,
-            "samples_in": result.counts["samples_in"],
-            "samples_out": len(result.rows),
-            "failed": len(result.failures),
-            "counts": dict(result.counts),
-            "wall_s": time.perf_counter() - started,
-            "device": "cpu",
-            "run_id": run_id,
-            "reused": False,
-        }
+    result = read_unit(unit, recipe.input, recipe.limits, drop, skip_media)
+    history = new_history(unit, index, drop)
+    counts = dict(result.counts)
+    samples_in = counts.pop("samples_in", 0)
+    record = StageRecord(
+        READ_STAGE,
+        samples_in,
+        len(result.rows),
+        len(result.failures),
+        time.perf_counter() - started,
+        "cpu",
+        run_id,
+        counts,
     )
+    history["stages"].append(asdict(record))
     history["failures"].extend(asdict(f) for f in result.failures)
     return result.rows, history
 
 
-def read_cached(parquet: Path, history_file: Path, run_id: str) -> tuple[list[Row], History]:
+def read_cached(out: Store, parquet: str, history_file: str, run_id: str) -> tuple[list[Row], History]:
     """A saved stage output; stages an earlier run computed are marked reused (this run's own are not)."""
-    rows = table_to_rows(pq.read_table(parquet))
-    history = json.loads(history_file.read_text())
+    with out.open_read(parquet) as fh:
+        rows = table_to_rows(pq.read_table(fh))
+    history = json.loads(out.read_bytes(history_file))
     for stage in history["stages"]:
         stage["reused"] = stage.get("run_id") != run_id
     return rows, history
@@ -135,28 +131,52 @@ def _cause(exc: BaseException) -> str:
     return getattr(exc, "cause", None) or type(exc).__name__
 
 
+@contextmanager
+def artifact_folder(out: Store, rel: str, upload: bool = False) -> Iterator[Path]:
+    """A global stage's artifact folder on local disk (downloaded from, or uploaded to, an object store)."""
+    if not out.remote:
+        path = out.local_path(rel)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="augpipe-artifact-") as folder:
+        local = Path(folder)
+        if not upload:
+            out.download_dir(rel, local)
+        yield local
+        if upload:
+            out.upload_dir(local, rel)
+
+
 class StageRunner:
-    """One stage loaded once (in a Ray actor), run shard by shard with failure isolation and caching."""
+    """One stage loaded once (in a Ray actor, or in-process), run shard by shard with failure isolation."""
 
     def __init__(
         self,
         entry: StageEntry,
         context: StageContext,
         chain_fp: str,
-        out_dir: str,
+        out: Store,
         run_id: str,
-        always_cache: bool = False,
+        cache: bool = False,
         fitted: str | None = None,
+        on_batch: BatchReport | None = None,
     ) -> None:
         self.stage = build_stage(entry, context)
         self.stage.check()
         self.stage.setup()
         if fitted is not None:
-            self.stage.load_fitted(Path(fitted))
+            with artifact_folder(out, fitted) as folder:
+                self.stage.load_fitted(folder)
         self.chain_fp = chain_fp
-        self.out_dir = Path(out_dir)
-        self.always_cache = always_cache
+        self.out = out
+        self.cache = cache
         self.run_id = run_id
+        self.on_batch = on_batch
+
+    def ping(self) -> bool:
+        """Answers once the stage is loaded: the executor's check that a worker is alive."""
+        return True
 
     def _run_batch(self, batch: list[Row]) -> tuple[list[Row], list[Failure]]:
         try:
@@ -177,7 +197,7 @@ class StageRunner:
         return rows, [f for f in produced if isinstance(f, Failure)]
 
     def run(self, shard_id: str, rows: list[Row], history: History) -> tuple[list[Row], History]:
-        """Process one shard's rows; save them to the cache when the stage is worth caching."""
+        """Process one shard's rows; save them to the cache when this step is cached."""
         started = time.perf_counter()
         self.stage.stats.clear()
         out: list[Row] = []
@@ -186,46 +206,179 @@ class StageRunner:
             batch_rows, batch_failures = self._run_batch(batch)
             out += batch_rows
             failures += batch_failures
+            if self.on_batch is not None:
+                self.on_batch(self.stage.name, len(batch_rows))
         history = {**history, "stages": [*history["stages"]], "failures": [*history["failures"]]}
-        history["stages"].append(
-            {
-                "stage": self.stage.name,
-                "samples_in": len(rows),
-                "samples_out": len(out),
-                "failed": len(failures),
-                "counts": dict(self.stage.stats),
-                "wall_s": time.perf_counter() - started,
-                "device": self.stage.device,
-                "run_id": self.run_id,
-                "reused": False,
-            }
+        record = StageRecord(
+            self.stage.name,
+            len(rows),
+            len(out),
+            len(failures),
+            time.perf_counter() - started,
+            self.stage.device,
+            self.run_id,
+            dict(self.stage.stats),
         )
+        history["stages"].append(asdict(record))
         history["failures"].extend(asdict(f) for f in failures)
-        if self.stage.cacheable or self.always_cache:
+        if self.cache:
             self._save(shard_id, out, history)
         return out, history
 
     def _save(self, shard_id: str, rows: list[Row], history: History) -> None:
-        parquet, history_file = cache_files(self.out_dir, self.stage.name, self.chain_fp, shard_id)
-        table = rows_to_table(rows)
-        atomic_write(parquet, lambda fh: pq.write_table(table, fh))
-        blob = json.dumps(history, default=str).encode()
-        atomic_write(history_file, lambda fh: fh.write(blob))
+        parquet, history_file = layout.cache_files(self.stage.name, self.chain_fp, shard_id)
+        buffer = io.BytesIO()
+        pq.write_table(rows_to_table(rows), buffer)
+        self.out.write_bytes(parquet, buffer.getvalue())
+        self.out.write_bytes(history_file, json.dumps(history, default=str).encode())
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def sample_rate(cap: int | None, corpus_samples: int) -> float:
+    """The share of rows a fit sample keeps: everything on small corpora, about ``cap`` rows on large ones.
+
+    A little above cap/N so the hash threshold rarely leaves the sample short; ``fit_global`` trims it.
+    """
+    if cap is None or corpus_samples <= cap:
+        return 1.0
+    return min(1.0, 1.1 * cap / corpus_samples)
+
+
+def _row_rank(seed: int, row: Row) -> int:
+    return derive_seed(seed, row["key"], "fit-sample", tuple(row.get("variant", ())))
+
+
+def fit_sample(rows: list[Row], fields: list[str], seed: int, rate: float) -> dict[str, list[Any]]:
+    """The fit fields of this shard's rows that fall in the seeded sample (rank below rate of the range)."""
+    bound = rate * 2**63
+    kept = [row for row in rows if rate >= 1.0 or _row_rank(seed, row) < bound]
+    columns: dict[str, list[Any]] = {
+        "key": [r["key"] for r in kept],
+        "_rank": [_row_rank(seed, r) for r in kept],
+    }
+    for name in fields:
+        columns[name] = [row.get(name) for row in kept]
+    return columns
+
+
+def _merge_samples(parts: list[dict[str, list[Any]]], cap: int | None) -> dict[str, list[Any]]:
+    """Concatenate per-shard samples and keep the ``cap`` lowest ranks, in rank order (input-order free)."""
+    names = list(parts[0]) if parts else ["key", "_rank"]
+    merged = {name: [v for part in parts for v in part[name]] for name in names}
+    order = np.argsort(np.asarray(merged["_rank"], dtype=np.uint64), kind="stable")
+    if cap is not None:
+        order = order[:cap]
+    return {name: [merged[name][i] for i in order] for name in names if name != "_rank"}
+
+
+def fit_global(
+    entry: StageEntry,
+    context: StageContext,
+    parts: list[dict[str, list[Any]]],
+    out: Store,
+    folder: str,
+    cap: int | None,
+    corpus_samples: int,
+) -> dict[str, Any]:
+    """Fit a global stage once on the corpus sample; its record is written last, so a half fit is unused."""
+    stage = build_stage(entry, context)
+    stage.check()
+    stage.setup()
+    columns = _merge_samples(parts, cap)
+    started = time.perf_counter()
+    with artifact_folder(out, folder, upload=True) as local:
+        summary = stage.fit(columns, local)
+    record = {
+        "format": ARTIFACT_FORMAT,
+        "stage": stage.name,
+        "describe": stage.describe(),
+        "rows": len(columns.get("key", [])),
+        "corpus_samples": corpus_samples,
+        "fit_max_rows": cap,
+        "fit_s": time.perf_counter() - started,
+        "summary": summary,
+    }
+    out.write_bytes(f"{folder}/{FIT_RECORD}", json.dumps(record, indent=1, default=str).encode())
+    return record
+
+
+def read_fit(out: Store, folder: str) -> dict[str, Any] | None:
+    """The fit record of a global stage, or None if it was never completed."""
+    try:
+        return json.loads(out.read_bytes(f"{folder}/{FIT_RECORD}"))
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ committing
+
+
+def _failure_summary(failures: list[dict[str, Any]]) -> dict[str, Any]:
+    by_cause: dict[str, int] = {}
+    for failure in failures:
+        by_cause[failure["cause"]] = by_cause.get(failure["cause"], 0) + 1
+    examples = [{k: f[k] for k in ("key", "stage", "cause", "message")} for f in failures[:FAILURE_EXAMPLES]]
+    return {"total": len(failures), "by_cause": by_cause, "examples": examples}
 
 
 def commit_shard(
-    out_dir: Path, unit: InputUnit, recipe: Recipe, run_fingerprint: str, rows: list[Row], history: History
-) -> History:
-    """Write the shard's outputs, quarantine and, last, its stats record (the done marker)."""
+    out: Store,
+    unit: InputUnit,
+    recipe: Recipe,
+    run_fingerprint: str,
+    rows: list[Row],
+    history: History,
+    prune: list[str],
+) -> dict[str, Any]:
+    """Write the shard's outputs and quarantine, then its stats record (the done marker), then drop its
+    caches (``prune``). If writing fails, the shard's new data files are removed, so no data file is left
+    without its stats record."""
     failures = [Failure(**{**f, "variant": tuple(f.get("variant", ()))}) for f in history["failures"]]
-    written = write_shard(out_dir, unit.shard_id, rows, recipe.name, recipe.tag, recipe.output)
-    quarantine = write_quarantine(out_dir, unit.shard_id, failures)
-    stats = {
-        **history,
-        "fingerprint": run_fingerprint,
-        "samples_out": len(rows),
-        "outputs": [asdict(w) for w in written],
-        "quarantine": quarantine,
-    }
-    write_stats(out_dir, unit.shard_id, stats)
+    tar_rel, parquet_rel = layout.data_files(unit.shard_id)
+    try:
+        written = write_shard(out, unit.shard_id, rows, recipe.name, recipe.tag, recipe.output)
+        quarantine = write_quarantine(out, unit.shard_id, failures)
+        stats = {
+            **{k: v for k, v in history.items() if k != "failures"},
+            "failures": _failure_summary(history["failures"]),
+            "fingerprint": run_fingerprint,
+            "run_id": history["stages"][-1]["run_id"] if history["stages"] else "",
+            "committed_at": datetime.now(UTC).isoformat(),
+            "samples_in": history["stages"][0]["samples_in"] if history["stages"] else 0,
+            "samples_out": len(rows),
+            "outputs": [asdict(w) for w in written],
+            "quarantine": quarantine,
+        }
+        write_stats(out, unit.shard_id, stats)
+    except BaseException:
+        for rel in (
+            tar_rel,
+            parquet_rel,
+            layout.quarantine_file(unit.shard_id),
+            layout.stats_file(unit.shard_id),
+        ):
+            out.delete(rel)
+        raise
+    for rel in prune:
+        out.delete(rel)
     return stats
+
+
+def commit_lost_shard(
+    out: Store,
+    unit: InputUnit,
+    recipe: Recipe,
+    run_fingerprint: str,
+    rows: list[Row],
+    history: History,
+    step: str,
+    message: str,
+    prune: list[str],
+) -> dict[str, Any]:
+    """Commit a poison shard: each source sample still in it fails as ``worker_crashed`` with ``message``."""
+    keys = sorted({row["key"] for row in rows})
+    lost = [asdict(Failure(key, step, "worker_crashed", message)) for key in keys]
+    history = {**history, "failures": [*history["failures"], *lost]}
+    return commit_shard(out, unit, recipe, run_fingerprint, [], history, prune)

@@ -1,19 +1,19 @@
 """Writing one output shard: WebDataset tar, Parquet sidecar, quarantine shard, then the stats record.
 
-Every file is written under a hidden ``.partial`` name and renamed into place, and the stats record is
-renamed last: it is the marker that the shard is done, so a killed run never leaves a shard that looks
-finished but is not. Tars are written with fixed mtime and owner so the same rows give the same bytes.
+Every file is written atomically (``Store.write_atomic``) and the stats record last: it is the marker that
+the shard is done, so a killed run never leaves a shard that looks finished but is not. Tars are written with
+fixed mtime and owner so the same rows give the same bytes. Each file's checksum is computed from the bytes
+as they are written, and recorded with its size and mtime, so resume can tell a damaged file without
+re-reading the corpus.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
-import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,12 +22,11 @@ import soundfile
 import webdataset as wds
 from PIL import Image
 
-from augpipe.pipeline.inputs import file_sha256
+from augpipe.pipeline import layout
 from augpipe.pipeline.rowcodec import json_default
 from augpipe.pipeline.rows import Failure, Row
+from augpipe.pipeline.storage import Store
 
-STATS_DIR = "_stats"
-QUARANTINE_DIR = "quarantine"
 LINEAGE_FIELDS = ("key", "variant", "lineage", "output_key")
 
 
@@ -39,15 +38,19 @@ def output_key(row: Row, tag: str) -> str:
     return row["key"] if not variant else f"{row['key']}-{tag}-{'-'.join(map(str, variant))}"
 
 
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a hidden temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(partial, path)
+class _Hashing:
+    """A write-only stream that checksums and counts what passes through it to ``sink``."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self.sink, self.digest, self.size = sink, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.sink.write(data)
+
+    def flush(self) -> None:
+        self.sink.flush()
 
 
 def _image_bytes(image: Image.Image) -> bytes:
@@ -113,64 +116,84 @@ def _sidecar(rows: list[Row], keys: list[str], recipe: str, output: dict[str, st
 
 @dataclasses.dataclass(frozen=True)
 class WrittenFile:
-    """An output file as the manifest records it."""
+    """An output file as the manifest and resume check record it."""
 
     path: str
     sha256: str
+    bytes: int
+    mtime_ns: int
     samples: int
 
 
-def write_shard(
-    out_dir: Path, shard_id: str, rows: list[Row], recipe: str, tag: str, output: dict[str, str]
-) -> list[WrittenFile]:
-    """The tar and Parquet sidecar of one output shard, each atomically; returns them for the manifest."""
+def _write_checked(out: Store, rel: str, samples: int, write: Any) -> WrittenFile:
+    """Write ``rel`` atomically through a checksumming stream; record what landed."""
+    sums: list[_Hashing] = []
+
+    def through(fh: IO[bytes]) -> None:
+        sums.append(_Hashing(fh))
+        write(sums[-1])
+
+    out.write_atomic(rel, through)
+    stat = out.stat(rel)
+    mtime = stat.mtime_ns if stat is not None else 0
+    return WrittenFile(rel, sums[-1].digest.hexdigest(), sums[-1].size, mtime, samples)
+
+
+def output_keys(rows: list[Row], tag: str) -> list[str]:
     keys = [output_key(row, tag) for row in rows]
     if len(set(keys)) != len(keys):
-        raise RuntimeError(f"{shard_id}: generated keys collide; every output row needs a distinct key")
+        raise RuntimeError("generated keys collide; every output row needs a distinct key")
+    return keys
 
-    def write_tar(fh: io.BufferedWriter) -> None:
+
+def write_shard(
+    out: Store, shard_id: str, rows: list[Row], recipe: str, tag: str, output: dict[str, str]
+) -> list[WrittenFile]:
+    """The tar and Parquet sidecar of one output shard, each atomically; returns them for the manifest."""
+    keys = output_keys(rows, tag)
+
+    def write_tar(fh: IO[bytes]) -> None:
         with wds.TarWriter(fh, mtime=0, user="augpipe", group="augpipe", encoder=False) as sink:
             for row, key in zip(rows, keys, strict=True):
                 meta = {"key": key, "parent_key": row["key"], "label": row.get("label"), "recipe": recipe}
                 sink.write(_members(row, key, output, meta))
 
-    tar_path = out_dir / f"{shard_id}.tar"
-    parquet_path = out_dir / f"{shard_id}.parquet"
-    atomic_write(tar_path, write_tar)
-    table = _sidecar(rows, keys, recipe, output)
-    atomic_write(parquet_path, lambda fh: pq.write_table(table, fh))
-    return [WrittenFile(p.name, file_sha256(p), len(rows)) for p in (tar_path, parquet_path)]
+    def write_parquet(fh: IO[bytes]) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(_sidecar(rows, keys, recipe, output), buffer)
+        fh.write(buffer.getvalue())
+
+    tar_rel, parquet_rel = layout.data_files(shard_id)
+    return [
+        _write_checked(out, tar_rel, len(rows), write_tar),
+        _write_checked(out, parquet_rel, len(rows), write_parquet),
+    ]
 
 
-def write_quarantine(out_dir: Path, shard_id: str, failures: list[Failure]) -> str | None:
+def write_quarantine(out: Store, shard_id: str, failures: list[Failure]) -> str | None:
     """A tar of the shard's failures, one JSON member each; None when the shard had none."""
     if not failures:
         return None
-    path = out_dir / QUARANTINE_DIR / f"{shard_id}.tar"
 
-    def write_tar(fh: io.BufferedWriter) -> None:
+    def write_tar(fh: IO[bytes]) -> None:
         with wds.TarWriter(fh, mtime=0, user="augpipe", group="augpipe", encoder=False) as sink:
             for i, failure in enumerate(failures):
                 record = dataclasses.asdict(failure) | {"shard": shard_id}
                 sink.write({"__key__": f"q{i:06d}", "error.json": json.dumps(record).encode()})
 
-    atomic_write(path, write_tar)
-    return f"{QUARANTINE_DIR}/{shard_id}.tar"
+    rel = layout.quarantine_file(shard_id)
+    out.write_atomic(rel, write_tar)
+    return rel
 
 
-def stats_path(out_dir: Path, shard_id: str) -> Path:
-    return out_dir / STATS_DIR / f"{shard_id}.json"
-
-
-def write_stats(out_dir: Path, shard_id: str, stats: dict[str, Any]) -> None:
+def write_stats(out: Store, shard_id: str, stats: dict[str, Any]) -> None:
     """The done marker: written last, after the shard's tar, sidecar and quarantine are in place."""
     blob = json.dumps(stats, indent=1, sort_keys=True, default=json_default).encode()
-    atomic_write(stats_path(out_dir, shard_id), lambda fh: fh.write(blob))
+    out.write_bytes(layout.stats_file(shard_id), blob)
 
 
-def read_stats(out_dir: Path, shard_id: str) -> dict[str, Any] | None:
-    path = stats_path(out_dir, shard_id)
+def read_stats(out: Store, shard_id: str) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(out.read_bytes(layout.stats_file(shard_id)))
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None

@@ -37,14 +37,14 @@ from sklearn.mixture import GaussianMixture
 
 from augpipe.methods.cmda import select_gmm_bic
 from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, record
-from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
 
 FORMAT_VERSION = 1
 PARAMS_FILE = "gmm.npz"
 STATE_FILE = "cluster.json"
 
 
-class ClusterSettings(StageSettings):
+class ClusterSettings(GlobalStageSettings):
     cluster_on: str = Field(default="text_embedding", description="the features the GMM is fitted on")
     output: str = Field(default="cluster", description="field for the row's cluster id (int)")
     m_max: int = Field(default=5, ge=1, description="BIC chooses M in 1..m_max")

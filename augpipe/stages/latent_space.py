@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from augpipe.pipeline.rows import Failure, Row, derive_seed, record
-from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
 from augpipe.stages.embed import check_field_name
 
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ STATE_FILE = "latent_space.json"
 SHAPE_SETTINGS = ("student", "teacher", "dim", "hidden", "standardize")
 
 
-class LatentSpaceSettings(StageSettings):
+class LatentSpaceSettings(GlobalStageSettings):
     student: str = Field(default="image_embedding", description="student modality's frozen feature field")
     teacher: str = Field(default="text_embedding", description="teacher modality's frozen feature field")
     student_output: str = Field(default="student_latent", description="field for g_s(student)")

@@ -1,0 +1,188 @@
+"""What every executor shares: the work it is given, the state it returns, caching rules and progress.
+
+Two executors implement ``Executor``: ``executor.RayExecutor`` (the default; the only module that imports
+Ray) and ``local_executor.LocalExecutor`` (in-process, one shard at a time: for debugging with pdb and for
+fast tests). Both run the same per-shard steps from ``worker``: read, each stage, commit; and the same fit
+phase for global stages.
+
+Caching: a step's per-shard output is cached only when its stage is expensive (``cacheable``: model
+stages) and it is not the last step (the shard itself is the last step's result). Caches serve two
+purposes, resuming a shard a killed run left half done and re-running with a changed downstream option
+(``--overwrite``), and they are pruned when their shard commits unless ``keep_cache`` asks otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from augpipe.pipeline import layout
+from augpipe.pipeline.index import IndexSummary
+from augpipe.pipeline.inputs import InputUnit
+from augpipe.pipeline.plan import Plan
+from augpipe.pipeline.storage import Store
+
+log = logging.getLogger("augpipe")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """One line of plain text: no terminal colour codes, no newlines (messages stored in the manifest)."""
+    return " ".join(ANSI.sub("", text).split())
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (storage refuses writes, a stage cannot load); what finished stays committed."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass
+class Work:
+    """Everything an executor needs for one run."""
+
+    plan: Plan
+    out: Store
+    run_id: str
+    units: list[InputUnit]
+    """Units to process (not already committed)."""
+    corpus: list[InputUnit]
+    """Every unit of the input: global stages fit on a sample of all of them."""
+    index: dict[str, IndexSummary]
+    drops: dict[str, dict[bytes, str]]
+    keep_cache: bool = False
+    progress: bool = True
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def corpus_samples(self) -> int:
+        return sum(ix.samples for ix in self.index.values())
+
+
+@dataclass
+class RunState:
+    """What an executor reports: committed shards' stats, shards it could not write, and why."""
+
+    committed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    broken: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cluster: dict[str, Any] = field(default_factory=dict)
+    reused: Counter[str] = field(default_factory=Counter)
+    """Step -> shards started from a cache an earlier run wrote."""
+    interrupted: bool = False
+    aborted: RunAborted | None = None
+
+    def break_shard(self, unit: InputUnit, cause: str, message: str, samples: int | None) -> None:
+        self.broken[unit.shard_id] = {"cause": cause, "message": plain(message), "samples": samples}
+        log.warning("shard %s not written: %s", unit.shard_id, plain(message))
+
+
+class Executor(Protocol):
+    """Indexes inputs, and runs a plan's steps over input units."""
+
+    def index(
+        self, units: list[InputUnit], out: Store
+    ) -> tuple[dict[str, IndexSummary], dict[str, dict[bytes, str]]]:
+        """Each unit's index summary, and per unit the key digests it must leave to an earlier unit."""
+        ...
+
+    def run(self, work: Work) -> RunState: ...
+
+
+def cached_steps(plan: Plan) -> list[bool]:
+    """Which steps' per-shard outputs are cached: expensive ones, never the last."""
+    last = len(plan.stages) - 1
+    return [stage.cacheable and i < last for i, stage in enumerate(plan.stages)]
+
+
+def cache_rels(plan: Plan, unit: InputUnit) -> list[str]:
+    """Every cache file a shard may have (what its commit prunes)."""
+    rels = []
+    for index, cached in enumerate(cached_steps(plan)):
+        if cached:
+            rels.extend(layout.cache_files(plan.stages[index].name, plan.chain[index], unit.shard_id))
+    return rels
+
+
+def deepest_cache(out: Store, plan: Plan, unit: InputUnit, limit: int) -> tuple[int, str, str] | None:
+    """(step, parquet, history) of the deepest cached step output before ``limit``, or None."""
+    flags = cached_steps(plan)
+    for index in range(min(limit, len(plan.stages)) - 1, -1, -1):
+        if not flags[index]:
+            continue
+        parquet, history = layout.cache_files(plan.stages[index].name, plan.chain[index], unit.shard_id)
+        if out.exists(history) and out.exists(parquet):
+            return index, parquet, history
+    return None
+
+
+def global_steps(plan: Plan) -> list[int]:
+    return [i for i, stage in enumerate(plan.stages) if stage.needs_fit]
+
+
+def artifact_rel(plan: Plan, index: int) -> str:
+    return layout.artifact_dir(plan.stages[index].name, plan.chain[index])
+
+
+def fit_cap(plan: Plan, index: int) -> int | None:
+    return getattr(plan.stages[index].settings, "fit_max_rows", None)
+
+
+def fit_seed(plan: Plan, index: int) -> int:
+    from augpipe.pipeline.rows import derive_seed
+
+    return derive_seed(plan.recipe.seed, "fit-sample", plan.stages[index].name) >> 1
+
+
+class Progress:
+    """Per-step samples and samples/s, shards done and an ETA, at most every ``every`` seconds.
+
+    Counts move per batch (executors call ``add``), so a stage working through a 1,000-row shard shows
+    its progress before the shard finishes; steps a shard skipped because an earlier run cached them are
+    shown as ``reused``.
+    """
+
+    def __init__(
+        self, names: list[str], total: int, enabled: bool, every: float = 5.0, heartbeat: float = 30.0
+    ) -> None:
+        self.names, self.total, self.enabled = names, total, enabled
+        self.every, self.heartbeat = every, heartbeat
+        self.samples: Counter[str] = Counter()
+        self.reused: Counter[str] = Counter()
+        self.shards_done = 0
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.last_line = ""
+
+    def add(self, step: str, samples: int) -> None:
+        self.samples[step] += samples
+
+    def due(self) -> bool:
+        return self.enabled and time.perf_counter() - self.last >= self.every
+
+    def show(self, force: bool = False) -> None:
+        """Log a line when due and something moved (or ``heartbeat`` seconds passed), or when forced."""
+        if not self.enabled or not (force or self.due()):
+            return
+        now = time.perf_counter()
+        elapsed = now - self.started
+        parts = [f"shards {self.shards_done}/{self.total}"]
+        for name in self.names:
+            part = f"{name} {self.samples[name]} ({self.samples[name] / elapsed if elapsed else 0:.1f}/s)"
+            if self.reused[name]:
+                part += f", reused on {self.reused[name]}"
+            parts.append(part)
+        line = " | ".join(parts)
+        counts = line.replace("/s)", "").split("(")[0] + str(sorted(self.samples.items()))
+        if not force and counts == self.last_line and now - self.last < self.heartbeat:
+            return
+        self.last, self.last_line = now, counts
+        done = self.shards_done
+        eta = f"{elapsed / done * (self.total - done):.0f}s" if done else "?"
+        log.info("%s | %.0fs elapsed, ETA %s", line, elapsed, eta)

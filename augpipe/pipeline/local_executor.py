@@ -1,0 +1,140 @@
+"""The in-process executor: every step of every shard in this process, one shard at a time.
+
+No Ray, no parallelism, no fault tolerance: for debugging (``pdb`` stops where the bug is) and for fast
+tests. Results are the same bytes as the Ray executor's: both call the same ``worker`` functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from augpipe.pipeline import execution
+from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work
+from augpipe.pipeline.index import IndexSummary, by_file, find_duplicates, index_file
+from augpipe.pipeline.inputs import InputUnit
+from augpipe.pipeline.rows import Row
+from augpipe.pipeline.storage import Store, is_storage_error
+from augpipe.pipeline.worker import (
+    History,
+    StageRunner,
+    commit_shard,
+    fit_global,
+    fit_sample,
+    read_cached,
+    read_fit,
+    read_source,
+    sample_rate,
+)
+
+
+class LocalExecutor:
+    """Runs a plan in this process."""
+
+    def __init__(self) -> None:
+        self.runners: dict[int, StageRunner] = {}
+
+    def index(
+        self, units: list[InputUnit], out: Store
+    ) -> tuple[dict[str, IndexSummary], dict[str, dict[bytes, str]]]:
+        indexes = [ix for group in by_file(units) for ix in index_file(group, out)]
+        labels = {u.shard_id: u.label for u in units}
+        return {ix.shard_id: ix.summary() for ix in indexes}, find_duplicates(indexes, labels)
+
+    def _runner(self, work: Work, index: int, progress: Progress) -> StageRunner:
+        if index not in self.runners:
+            plan = work.plan
+            stage = plan.stages[index]
+            self.runners[index] = StageRunner(
+                plan.recipe.stages[index],
+                stage.context,
+                plan.chain[index],
+                work.out,
+                work.run_id,
+                cache=execution.cached_steps(plan)[index],
+                fitted=execution.artifact_rel(plan, index) if stage.needs_fit else None,
+                on_batch=progress.add,
+            )
+        return self.runners[index]
+
+    def _rows_until(
+        self, work: Work, unit: InputUnit, end: int, progress: Progress, state: RunState
+    ) -> tuple[list[Row], History]:
+        start = execution.deepest_cache(work.out, work.plan, unit, end)
+        if start is None:
+            rows, history = read_source(
+                unit,
+                work.plan.recipe,
+                work.run_id,
+                work.index.get(unit.shard_id),
+                work.drops.get(unit.shard_id, {}),
+            )
+            first = 0
+        else:
+            rows, history = read_cached(work.out, start[1], start[2], work.run_id)
+            first = start[0] + 1
+            for record in history["stages"][1:]:
+                if record["reused"]:
+                    progress.reused[record["stage"]] += 1
+                    state.reused[record["stage"]] += 1
+        for index in range(first, end):
+            rows, history = self._runner(work, index, progress).run(unit.shard_id, rows, history)
+        return rows, history
+
+    def _fit(self, work: Work, index: int, progress: Progress, state: RunState) -> None:
+        plan = work.plan
+        folder = execution.artifact_rel(plan, index)
+        if read_fit(work.out, folder) is not None:
+            return
+        cap = execution.fit_cap(plan, index)
+        rate = sample_rate(cap, work.corpus_samples)
+        seed = execution.fit_seed(plan, index)
+        fields = sorted(plan.stages[index].fit_fields())
+        parts = []
+        for unit in work.corpus:
+            rows, _ = self._rows_until(work, unit, index, progress, state)
+            parts.append(fit_sample(rows, fields, seed, rate))
+        execution.log.info("fitting %s on a sample of the corpus", plan.stages[index].name)
+        fit_global(
+            plan.recipe.stages[index],
+            plan.stages[index].context,
+            parts,
+            work.out,
+            folder,
+            cap,
+            work.corpus_samples,
+        )
+
+    def run(self, work: Work) -> RunState:
+        state = RunState(cluster={"executor": "local", "nodes": 1})
+        progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
+        try:
+            for index in execution.global_steps(work.plan):
+                self._fit(work, index, progress, state)
+            for unit in work.units:
+                if work.stop.is_set():
+                    state.interrupted = True
+                    break
+                self._shard(work, unit, progress, state)
+                progress.show()
+        except RunAborted as exc:
+            state.aborted = exc
+        return state
+
+    def _shard(self, work: Work, unit: InputUnit, progress: Progress, state: RunState) -> None:
+        plan = work.plan
+        try:
+            rows, history = self._rows_until(work, unit, len(plan.stages), progress, state)
+            prune = [] if work.keep_cache else execution.cache_rels(plan, unit)
+            stats: dict[str, Any] = commit_shard(
+                work.out, unit, plan.recipe, plan.run_fingerprint, rows, history, prune
+            )
+        except Exception as exc:
+            if is_storage_error(exc):
+                raise RunAborted("storage", f"{type(exc).__name__}: {exc}") from exc
+            index = work.index.get(unit.shard_id)
+            state.break_shard(
+                unit, type(exc).__name__, f"{type(exc).__name__}: {exc}", index.samples if index else None
+            )
+            return
+        state.committed[unit.shard_id] = stats
+        progress.shards_done += 1
