@@ -172,8 +172,14 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set transcribe.variants=2")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"--set {pair!r}: the value is not plain YAML ({reason})") from exc
         head, dot, rest = key.partition(".")
+        if head == "stages" and not dot:
+            raise ConfigError(f"--set {pair!r}: set a stage's option as --set STAGE.OPTION=VALUE")
         if not dot:
             overlay[head] = value
         elif head == "limits":

@@ -80,7 +80,7 @@ class RunState:
 
     def break_shard(self, unit: InputUnit, cause: str, message: str, samples: int | None) -> None:
         self.broken[unit.shard_id] = {"cause": cause, "message": plain(message), "samples": samples}
-        log.warning("shard %s not written: %s", unit.shard_id, plain(message))
+        log.warning("%s not written: %s", unit.shard_id, plain(message))
 
 
 class Executor(Protocol):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,10 +75,15 @@ REPLACEMENTS_PER_STEP = 8
 
 
 def init_ray(address: str | None) -> bool:
-    """Join ``address`` or start a local instance; True when this call started Ray (and must stop it)."""
+    """Join ``address`` or start a local instance; True when this call started Ray (and must stop it).
+
+    Ray's core worker installs its own SIGINT/SIGTERM handlers (a stack dump, then exit 1); the ones the
+    caller had are put back, so a signal stops the run cleanly with its documented exit code.
+    """
     if ray.is_initialized():
         return False
     env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(
         address=address,
         include_dashboard=False,
@@ -85,6 +92,10 @@ def init_ray(address: str | None) -> bool:
         log_to_driver=True,
         runtime_env={"env_vars": env} if env else None,
     )
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return True
 
 
@@ -308,7 +319,6 @@ class RayExecutor:
                 _Drive(self, work, progress, state, len(work.plan.stages)).run(work.units)
         except RunAborted as exc:
             state.aborted = exc
-        progress.show(force=True)
         return state
 
     def _fit(self, work: Work, index: int, progress: Progress, state: RunState) -> None:
@@ -405,15 +415,16 @@ class _Drive:
             for ref in done:
                 self._handle(ref, self.running.pop(ref))
             self._show()
+        self._show(force=self.fit_step is None)
         return self.parts
 
-    def _show(self) -> None:
+    def _show(self, force: bool = False) -> None:
         progress = self.progress
-        if not progress.due():
+        if not (progress.due() or (force and progress.enabled)):
             return
         with contextlib.suppress(ray.exceptions.GetTimeoutError):
             progress.samples = Counter(ray.get(self.x.sink.snapshot.remote(), timeout=5))
-        progress.show()
+        progress.show(force)
 
     def _interrupt(self) -> None:
         self.state.interrupted = True
@@ -517,6 +528,7 @@ class _Drive:
         unit = shard.unit
         if isinstance(exc, TaskCancelledError):
             return
+        log.debug("%s: %s failed", unit.shard_id, call.kind, exc_info=exc)
         if isinstance(exc, RayActorError):
             self._actor_died(call, shard, exc)
             return
@@ -553,7 +565,7 @@ class _Drive:
         shard.attempts += 1
         if shard.attempts < self.x.max_attempts:
             log.warning(
-                "shard %s: the %s worker died (attempt %d of %d); resubmitting",
+                "%s: the %s worker died (attempt %d of %d); resubmitting",
                 shard.unit.shard_id,
                 step_name,
                 shard.attempts,
@@ -566,7 +578,7 @@ class _Drive:
             f"the {step_name} worker died {tries} times processing shard {shard.unit.shard_id} (a sample in "
             "it crashes the worker, e.g. a native decoder fault); its samples are quarantined"
         )
-        log.warning("shard %s is a poison shard: %s", shard.unit.shard_id, message)
+        log.warning("%s is a poison shard: %s", shard.unit.shard_id, message)
         if self.fit_step is not None:
             self._give_up(shard, "worker_crashed", message)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from augpipe.pipeline import execution
-from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work
+from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work, log
 from augpipe.pipeline.index import IndexSummary, by_file, find_duplicates, index_file
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.rows import Row
@@ -118,6 +118,7 @@ class LocalExecutor:
                 progress.show()
         except RunAborted as exc:
             state.aborted = exc
+        progress.show(force=True)
         return state
 
     def _shard(self, work: Work, unit: InputUnit, progress: Progress, state: RunState) -> None:
@@ -129,6 +130,7 @@ class LocalExecutor:
                 work.out, unit, plan.recipe, plan.run_fingerprint, rows, history, prune
             )
         except Exception as exc:
+            log.debug("%s failed", unit.shard_id, exc_info=exc)
             if is_storage_error(exc):
                 raise RunAborted("storage", f"{type(exc).__name__}: {exc}") from exc
             index = work.index.get(unit.shard_id)
