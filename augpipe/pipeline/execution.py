@@ -18,6 +18,8 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,6 +79,16 @@ class RunState:
     """Step -> shards started from a cache an earlier run wrote."""
     interrupted: bool = False
     aborted: RunAborted | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each phase (``fit:<step>``, ``process``), for the run history."""
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
 
     def break_shard(self, unit: InputUnit, cause: str, message: str, samples: int | None) -> None:
         self.broken[unit.shard_id] = {"cause": cause, "message": plain(message), "samples": samples}

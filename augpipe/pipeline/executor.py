@@ -314,9 +314,11 @@ class RayExecutor:
         progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
         try:
             for index in execution.global_steps(work.plan):
-                self._fit(work, index, progress, state)
+                with state.timed(f"fit:{work.plan.stages[index].name}"):
+                    self._fit(work, index, progress, state)
             if not state.interrupted:
-                _Drive(self, work, progress, state, len(work.plan.stages)).run(work.units)
+                with state.timed("process"):
+                    _Drive(self, work, progress, state, len(work.plan.stages)).run(work.units)
         except RunAborted as exc:
             state.aborted = exc
         return state

@@ -109,13 +109,15 @@ class LocalExecutor:
         progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
         try:
             for index in execution.global_steps(work.plan):
-                self._fit(work, index, progress, state)
-            for unit in work.units:
-                if work.stop.is_set():
-                    state.interrupted = True
-                    break
-                self._shard(work, unit, progress, state)
-                progress.show()
+                with state.timed(f"fit:{work.plan.stages[index].name}"):
+                    self._fit(work, index, progress, state)
+            with state.timed("process"):
+                for unit in work.units:
+                    if work.stop.is_set():
+                        state.interrupted = True
+                        break
+                    self._shard(work, unit, progress, state)
+                    progress.show()
         except RunAborted as exc:
             state.aborted = exc
         progress.show(force=True)

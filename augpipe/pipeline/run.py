@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import logging
+import resource
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -201,6 +203,8 @@ def _finish(
         "interrupted": state.interrupted,
         "aborted": None if state.aborted is None else str(state.aborted),
         "reused_caches": dict(state.reused),
+        "phases": {name: round(seconds, 3) for name, seconds in state.phases.items()},
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     record = run_record(run_id, started, datetime.now(UTC), prepared.plan, state.committed, extra)
     manifest = build_manifest(
@@ -234,12 +238,15 @@ def _run_locked(
         log.info("--overwrite: removed the %d shards of the previous corpus", corpus.clear_corpus(store))
     executor, started_ray = make_executor(options.executor, options.address)
     try:
+        indexed = time.perf_counter()
         todo, index, drops = _todo(store, plan, units, executor, previous, options)
+        index_s = time.perf_counter() - indexed
         extra = {"incremental": options.incremental, "overwrite": clear}
         extra |= _set_aside(store, units, run_id, options.incremental)
         runs = list(previous.get("runs", [])) if previous is not None and not clear else []
         prepared = _Prepared(plan, units, todo, index, drops, runs, extra)
         state = _execute(prepared, executor, store, run_id, options)
+        state.phases = {"index": index_s, **state.phases}
     finally:
         if started_ray:
             from augpipe.pipeline.executor import shutdown
