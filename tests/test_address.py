@@ -27,22 +27,6 @@ def closed_port() -> int:
         return probe_socket.getsockname()[1]  # nothing listens once the socket is closed
 
 
-@pytest.fixture()
-def silent():
-    """A loopback port that never answers: its accept queue is full, so the kernel drops new SYNs.
-
-    That is what a firewalled or powered-off head looks like from the client: no refusal, no answer.
-    """
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
-    yield port
-    filler.close()
-    server.close()
-
-
 @pytest.mark.parametrize(
     ("text", "host", "port", "client"),
     [
@@ -123,8 +107,8 @@ def test_a_refused_connection_names_the_address(closed_port):
     assert "\n" not in message
 
 
-def test_an_address_that_never_answers_fails_at_the_deadline(silent):
+def test_an_address_that_never_answers_fails_at_the_deadline(silent_port):
     with pytest.raises(ConfigError) as error:
-        probe(parse_address(f"127.0.0.1:{silent}"), timeout=1)
+        probe(parse_address(f"127.0.0.1:{silent_port}"), timeout=1)
     message = str(error.value)
-    assert f"127.0.0.1:{silent}" in message and "no answer within 1 s" in message
+    assert f"127.0.0.1:{silent_port}" in message and "no answer within 1 s" in message

@@ -149,6 +149,9 @@ def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> Clus
 
     Returns the address the run will join, or None for a local Ray. Raises ConfigError, whose message
     names the address, when it is malformed, cannot be found (``auto``) or does not answer.
+
+    Hand ``ray.init`` the given address, or ``"local"`` when this returns None: ``ray.init(address=None)``
+    joins the cluster named in the current-cluster file whenever ``ray start`` ran on this machine.
     """
     resolved = resolve_address(address)
     if resolved is not None:
