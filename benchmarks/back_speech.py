@@ -90,7 +90,7 @@ def main() -> None:
             for (_, t, _), h in zip(rows, transcripts, strict=True)
         )
 
-        ray.init(include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
         like_s, like = augpipe_run(root / "in", root / "like", ["perturb_audio.variants=1", "multiple=1"])
         full_s, full = augpipe_run(root / "in", root / "full", [])
         ray.shutdown()

@@ -83,7 +83,7 @@ def main() -> None:
         bare_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        ray.init(include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
         ray_start_s = time.perf_counter() - started
         started = time.perf_counter()
         result = run_recipe(load_recipe("passthrough"), root / "in", root / "aug", progress=False)

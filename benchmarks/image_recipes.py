@@ -122,7 +122,7 @@ def main() -> None:
         torch.set_num_threads(default_threads)
         del models
 
-        ray.init(include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
         one_s, one = augpipe_run(root / "in", root / "one", ONE_EACH)
         two_s, two = augpipe_run(root / "in", root / "two", [*ONE_EACH, "caption.concurrency=2"])
         ray.shutdown()

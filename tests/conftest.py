@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -28,3 +29,17 @@ def demo_text(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_demo_data(root)
     return root / "text"
+
+
+@pytest.fixture()
+def silent_port():
+    """A loopback port that never answers, like a firewalled or powered-off head: its accept queue is
+    full, so the kernel drops new SYNs instead of refusing them."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    yield port
+    filler.close()
+    server.close()

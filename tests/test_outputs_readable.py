@@ -25,7 +25,7 @@ ds = wds.WebDataset(f"{out}/shard-{{00000..00001}}.tar", shardshuffle=False).dec
 samples = [(s["__key__"], s["txt"], s["json"]["label"]) for s in ds]
 tables = [pq.read_table(f"{out}/shard-0000{i}.parquet") for i in range(2)]
 keys = [k for t in tables for k in t["key"].to_pylist()]
-ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
 rows = ray.data.read_webdataset([f"{out}/shard-0000{i}.tar" for i in range(2)]).take_all()
 ray_keys = sorted(r["__key__"] for r in rows)
 print(json.dumps({"wds": samples, "parquet_keys": keys, "ray_keys": ray_keys,

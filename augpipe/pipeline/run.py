@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from augpipe.pipeline import corpus, layout
+from augpipe.pipeline.address import ClusterAddress, check_address
 from augpipe.pipeline.config import ConfigError, Recipe
 from augpipe.pipeline.execution import Executor, RunAborted, RunState, Work, log
 from augpipe.pipeline.index import IndexSummary, drop_digest
@@ -100,15 +101,19 @@ def _previous(store: Store) -> dict[str, Any] | None:
         return None
 
 
-def make_executor(name: str, address: str | None) -> tuple[Executor, bool]:
-    """The executor, and whether this call started Ray (and must stop it)."""
+def make_executor(name: str, cluster: ClusterAddress | None) -> tuple[Executor, bool]:
+    """The executor, and whether this call started Ray (and must stop it).
+
+    Without an address augpipe starts its own Ray (``"local"``): a bare ``ray.init()`` would join
+    whatever cluster ``ray start`` last left on this machine.
+    """
     if name == "local":
         from augpipe.pipeline.local_executor import LocalExecutor
 
         return LocalExecutor(), False
     from augpipe.pipeline.executor import RayExecutor, init_ray
 
-    started = init_ray(address)
+    started = init_ray(cluster.text if cluster is not None else "local")
     return RayExecutor(), started
 
 
@@ -221,7 +226,12 @@ def _finish(
 
 
 def _run_locked(
-    plan: Plan, units: list[InputUnit], store: Store, run_id: str, options: RunOptions
+    plan: Plan,
+    units: list[InputUnit],
+    store: Store,
+    run_id: str,
+    options: RunOptions,
+    cluster: ClusterAddress | None,
 ) -> RunResult:
     started = datetime.now(UTC)
     recipe = plan.recipe
@@ -236,7 +246,7 @@ def _run_locked(
     clear = corpus.check_protection(store, recipe, plan.run_fingerprint, options.overwrite, previous)
     if clear:
         log.info("--overwrite: removed the %d shards of the previous corpus", corpus.clear_corpus(store))
-    executor, started_ray = make_executor(options.executor, options.address)
+    executor, started_ray = make_executor(options.executor, cluster)
     try:
         indexed = time.perf_counter()
         todo, index, drops = _todo(store, plan, units, executor, previous, options)
@@ -267,6 +277,7 @@ def run_recipe(
     ``kwargs`` are ``RunOptions`` fields, for callers that set one or two.
     """
     options = options or RunOptions(**kwargs)
+    cluster = check_address(options.address) if options.executor == "ray" else None
     store = output_store(out_dir)
     plan = build_plan(recipe)
     units = discover_inputs(str(input_path), recipe.shard_size)
@@ -278,7 +289,7 @@ def run_recipe(
         raise StorageError(f"{store.display()} is not writable: {exc.strerror or exc}") from exc
     handler = _log_to_file(store, run_id)
     try:
-        return _run_locked(plan, units, store, run_id, options)
+        return _run_locked(plan, units, store, run_id, options, cluster)
     finally:
         _close_log(handler)
         lock.release()
