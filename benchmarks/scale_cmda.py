@@ -172,10 +172,12 @@ def main() -> None:
     )
     for r in results:
         phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases"].items())
+        ratio = r["ms_per_sample"] / base["ms_per_sample"]
+        folder = (r["shards_mb"] + r["other_mb"]) / r["shards_mb"]
         print(
-            f"{r['n']:>9,} {r['wall_s']:>8.0f} {r['ms_per_sample']:>9.2f} {r['ms_per_sample'] / base['ms_per_sample']:>7.2f} "
-            f"{r['driver_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f} {r['shards_mb']:>9.0f} {r['other_mb']:>8.1f} "
-            f"{(r['shards_mb'] + r['other_mb']) / r['shards_mb']:>13.3f}  {phases}"
+            f"{r['n']:>9,} {r['wall_s']:>8.0f} {r['ms_per_sample']:>9.2f} {ratio:>7.2f} "
+            f"{r['driver_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f} {r['shards_mb']:>9.0f} "
+            f"{r['other_mb']:>8.1f} {folder:>13.3f}  {phases}"
         )
     print(json.dumps(results, indent=1))
     if not args.keep:

@@ -17,7 +17,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def ray_session():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        logging_level="ERROR",
+    )
     yield ray
     ray.shutdown()
 
