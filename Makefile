@@ -28,8 +28,7 @@ demo: $(VENV)/.runtime
 	$(AUGPIPE) demo-data demo
 	$(AUGPIPE) run back-speech --input demo/text --output out/back-speech
 	$(AUGPIPE) inspect out/back-speech
-	$(AUGPIPE) run cmda --input demo/images --output out/cmda \
-		--set interpolate.pool_size=4 --set cluster.pca_dims=8
+	$(AUGPIPE) run cmda --input demo/images --output out/cmda --set interpolate.pool_size=4
 	$(AUGPIPE) inspect out/cmda --html out/cmda.html
 	$(AUGPIPE) run back-captioning --profile tiny --input demo/images --output out/back-captioning
 	$(AUGPIPE) inspect out/back-captioning

@@ -109,16 +109,21 @@ def fitted(shards, corpus, tmp_path_factory):
 def test_cluster_chooses_m_by_bic_deterministically_and_round_trips(corpus, fitted, tmp_path):
     summary = fitted["cluster_summary"]
     text = np.stack([r["text_embedding"] for r in corpus]).astype(np.float64)
-    projected = PCA(n_components=4, svd_solver="full").fit_transform(text)
-    expected = select_gmm_bic(projected, m_max=4, seed=7)
+    # 18 rows support 18 // 5 = 3 PCA dimensions and M <= 18 // 4 = 4 (augpipe.methods.gmm.model_budget)
+    projected = PCA(n_components=3, svd_solver="full").fit_transform(text)
+    expected = select_gmm_bic(projected, m_max=4, seed=7, covariance_type="tied")
     np.testing.assert_allclose(summary["bic"], expected.bic, rtol=1e-6)
     assert summary["m_star"] == expected.m_star == int(np.argmin(summary["bic"])) + 1
-    assert summary["m_star"] > 1, "with 4 PCA dims BIC should find structure in the 7-class demo captions"
+    assert summary["m_star"] > 1, "with 3 PCA dims BIC should find structure in the 7-class demo captions"
     assert (summary["rows"], summary["fit_rows"], summary["m_range"]) == (18, 18, [1, 4])
+    assert (summary["covariance_type"], summary["feature_dim"], summary["pca_dims"]) == ("tied", 384, 3)
+    assert 0 < summary["pca_variance_kept"] < 1 and sum(summary["weights"]) == pytest.approx(1.0)
 
     labels = [r["cluster"] for s in fitted["shards"] for r in s]
     np.testing.assert_array_equal(labels, expected.model.predict(projected))
-    assert sum(summary["cluster_sizes"].values()) == 18 and len(set(labels)) == summary["m_star"]
+    sizes = {k: v for k, v in fitted["cluster"].stats.items() if k.endswith("_rows")}  # counted per batch
+    assert sizes == {f"cluster_{c}_rows": labels.count(c) for c in set(labels)} and sum(sizes.values()) == 18
+    assert len(set(labels)) == summary["m_star"]
     row = fitted["shards"][0][0]
     assert row["lineage"]["cluster"] == {
         "cluster": row["cluster"],
@@ -135,18 +140,19 @@ def test_cluster_chooses_m_by_bic_deterministically_and_round_trips(corpus, fitt
     rows = fresh(corpus)
     loaded.process_batch(rows)
     assert [r["cluster"] for r in rows] == labels
-    original = fitted["cluster"]
+    original = fitted["cluster"].model
     np.testing.assert_allclose(  # the saved GMM is the fitted one, not just one that labels alike
-        loaded.model.predict_proba(loaded.features(text)),
-        original.model.predict_proba(original.features(text)),
+        loaded.model.selection.model.predict_proba(loaded.model.features(text)),
+        original.selection.model.predict_proba(original.features(text)),
     )
     assert sorted(p.name for p in fitted["cluster_dir"].iterdir()) == ["cluster.json", "gmm.npz"]
 
-    # A seeded subsample still labels every row; raw 384-d features on 18 rows: BIC's penalty wins, M* = 1.
-    sub = make(Cluster, m_max=2, seed=7, fit_max_samples=12)
+    # A seeded subsample still labels every row. The reference's model (a full covariance per component on
+    # the raw 384-d features) on 12 rows: BIC's penalty wins, M* = 1, the failure the defaults avoid.
+    sub = make(Cluster, m_max=2, seed=7, fit_max_samples=12, covariance="full", pca_dims=None)
     sub_summary = sub.fit(columns(corpus, "text_embedding"), tmp_path / "sub")
     assert (sub_summary["fit_rows"], sub_summary["rows"], sub_summary["m_star"]) == (12, 18, 1)
-    assert sub_summary["bic"][0] < sub_summary["bic"][1]
+    assert sub_summary["bic"][0] < sub_summary["bic"][1] and sub_summary["gmm_dim"] == 384
 
 
 # -------------------------------------------------------------------------------------- latent_space

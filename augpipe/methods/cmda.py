@@ -23,7 +23,8 @@ The offline driver streams index batches through a seeded permutation that is co
 its memory grows with the batch size B and never with the corpus: rows are fetched by index from arrays
 (or memory maps) or from a callable.
 
-Pure numpy (plus scikit-learn for the GMM fit); no torch, no I/O.
+Pure numpy; no torch, no I/O. The GMM and its BIC selection live in ``augpipe.methods.gmm`` (``fit_gmm``,
+``select_gmm_bic`` and ``GmmSelection`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
+
+from augpipe.methods.gmm import GmmSelection as GmmSelection
+from augpipe.methods.gmm import fit_gmm as fit_gmm
+from augpipe.methods.gmm import select_gmm_bic as select_gmm_bic
 
 WeightMode = Literal["rownorm_cra", "reference_cra", "reference_cma"]
 WEIGHT_MODES: tuple[str, ...] = get_args(WeightMode)
@@ -89,8 +93,15 @@ def _row_normalise(a: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _reference_normalise(a: np.ndarray, eps: float) -> np.ndarray:
-    """W_ij = A_ij / Σ_k A_jk: ``cor / torch.sum(cor, dim=1)`` broadcasts (B,) along columns (§2.2-c)."""
-    return a / np.maximum(a.sum(axis=1), eps)[None, :]
+    """W_ij = A_ij / Σ_k A_jk: ``cor / torch.sum(cor, dim=1)`` broadcasts (B,) along columns (§2.2-c).
+
+    Column j is scaled by teacher j's row sum, so a zero teacher vector (row sum 0) would scale every
+    anchor's weight on student j by 1/ε (≈ 4e11 with ε = 1e-12). Such a column gets weight 0 instead:
+    a teacher without a direction vouches for nothing. (The stage fails that sample before it gets here.)
+    """
+    sums = a.sum(axis=1)
+    scale = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > eps)
+    return a * scale[None, :]
 
 
 def resolve_mode(mode: str) -> WeightMode:
@@ -203,53 +214,6 @@ def paper_literal_generate(
     """
     w_inter = _row_normalise(abs_cosine_affinity(teacher, student, eps=eps), eps)
     return generate(w_inter * soft_dca_intra_weights(gamma), x_student)
-
-
-# ----------------------------------------------------------------------------------------------------
-# GMM fit and BIC model selection (METHODS §2.2-f)
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class GmmSelection:
-    """Result of choosing M by BIC: ``bic[m - 1]`` is the BIC of the M = m fit."""
-
-    m_star: int
-    bic: tuple[float, ...]
-    model: GaussianMixture
-    seed: int
-
-
-def fit_gmm(features: np.ndarray, n_components: int, *, seed: int) -> GaussianMixture:
-    """The reference's bare ``GMM(n_components=...)`` settings, spelled out, with a pinned seed.
-
-    The reference leaves ``random_state=None`` and so is not reproducible (METHODS §2.2-f).
-    """
-    return GaussianMixture(
-        n_components=n_components,
-        covariance_type="full",
-        tol=1e-3,
-        reg_covar=1e-6,
-        max_iter=100,
-        n_init=1,
-        init_params="kmeans",
-        random_state=seed,
-    ).fit(np.asarray(features))
-
-
-def select_gmm_bic(features: np.ndarray, *, m_max: int = 5, seed: int = 0) -> GmmSelection:
-    """Fit M = 1 … m_max and keep the lowest BIC (the paper's choice; the code hard-codes M = 2).
-
-    The smallest M wins a tie. BIC rewards fit on few samples generously: choose ``m_max`` with the
-    number of samples in mind (the §2.5 golden test uses m_max = 2 on 6 points).
-    """
-    features = np.asarray(features)
-    if not 1 <= m_max <= features.shape[0]:
-        raise ValueError(f"m_max must be in 1..{features.shape[0]} (the number of samples), got {m_max}")
-    models = [fit_gmm(features, m, seed=seed) for m in range(1, m_max + 1)]
-    bic = tuple(float(model.bic(features)) for model in models)
-    best = int(np.argmin(bic))
-    return GmmSelection(m_star=best + 1, bic=bic, model=models[best], seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------

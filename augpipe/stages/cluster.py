@@ -2,44 +2,52 @@
 
 METHODS §2.2-e/f. The GMM is fitted once, on ``cluster_on`` (default ``text_embedding``: the paper's
 Sec. IV-C clusters the language modality, and the reference fits on the caption vectors), with the
-reference's settings spelled out and a pinned seed (``augpipe.methods.cmda.fit_gmm``: full covariance,
-tol 1e-3, reg_covar 1e-6, 100 EM iterations, one k-means init). M* is the lowest BIC over M = 1 …
-``m_max`` (``select_gmm_bic``; the smallest M wins a tie); ``m_max`` is capped at the number of fitted rows.
+reference's EM settings and a pinned seed (tol 1e-3, reg_covar 1e-6, 100 iterations, one k-means
+init). M* is the lowest BIC over M = 1 … ``m_max`` (the smallest M wins a tie).
+
+Defaults that find structure at real embedding sizes (``augpipe.methods.gmm``, measured in
+``benchmarks/cluster_selection.py``): the features are projected onto their first ``pca_dims`` (16)
+principal components, fitted on the same rows, and the components share one full covariance
+(``covariance: tied``); ``m_max`` is 20. The reference's own model (a full covariance per component on
+the raw features: ``--set cluster.covariance=full --set cluster.pca_dims=null``) makes BIC choose
+M = 1 on 384-d sentence vectors of 10 well-separated classes, because every extra component costs
+74k parameters. A small corpus gets fewer dimensions and components (at most rows/5 and rows/4), so
+BIC never compares degenerate fits; a one-row corpus gets M = 1 without EM.
 
 Unlike the reference, which refits a 2-component GMM on every mini-batch, the fit is global and the
 labels are fixed, so an anchor's cluster does not depend on which batch it lands in (METHODS's offline
-driver: "BIC over {1…M_max} on the clustering features, then fixed").
+driver: "BIC over {1…M_max} on the clustering features, then fixed"). ``fit_max_samples`` fits on a
+seeded uniform subsample (EM is O(n·M·k²) per iteration); every row is still labelled.
 
-Options beyond the paper, both off by default:
-
-- ``fit_max_samples``: fit on a seeded uniform subsample (the GMM's EM is O(n·M·d²) per iteration);
-  every row is still labelled.
-- ``pca_dims``: project the features onto their first principal components (fitted on the same rows)
-  before the GMM. A full covariance in d dimensions has d(d+1)/2 parameters per component, so on a
-  corpus much smaller than that BIC's penalty always wins and M* = 1 (no DCA); a few PCA dimensions give
-  BIC something to choose between.
+The fit summary (in the manifest under ``artifacts[<step>]``) holds the BIC curve (``bic[m-1]`` is the
+BIC of M = m), ``m_star``, the covariance type, the feature and GMM dimensions, the variance the PCA
+kept, and the fitted and total row counts. Cluster sizes over the whole corpus are counted as rows are
+labelled (``cluster_<c>_rows`` in the stage's counts), since the fit may see only a sample.
 
 Artifacts (no pickle): ``gmm.npz`` (weights, means, covariances, Cholesky precisions, the BIC curve, the
-PCA basis) and ``cluster.json`` (format version, settings, summary). The summary, recorded in the
-manifest, has ``m_star`` and ``bic`` (``bic[m-1]`` is the BIC of M = m).
+PCA basis) and ``cluster.json`` (format version, settings, summary).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field, field_validator
-from sklearn.mixture import GaussianMixture
 
-from augpipe.methods.cmda import select_gmm_bic
+from augpipe.methods.gmm import (
+    ClusterModel,
+    CovarianceType,
+    GmmSelection,
+    gmm_from_params,
+    reduce_then_select,
+)
 from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, record
 from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PARAMS_FILE = "gmm.npz"
 STATE_FILE = "cluster.json"
 
@@ -47,32 +55,22 @@ STATE_FILE = "cluster.json"
 class ClusterSettings(GlobalStageSettings):
     cluster_on: str = Field(default="text_embedding", description="the features the GMM is fitted on")
     output: str = Field(default="cluster", description="field for the row's cluster id (int)")
-    m_max: int = Field(default=5, ge=1, description="BIC chooses M in 1..m_max")
+    m_max: int = Field(default=20, ge=1, description="BIC chooses M in 1..m_max")
+    covariance: CovarianceType = Field(
+        default="tied", description="GMM covariance: tied (one shared full matrix), full (the reference's)"
+    )
+    pca_dims: int | None = Field(
+        default=16, ge=1, description="PCA the features to this many dims first; null: raw features"
+    )
     seed: int | None = Field(
         default=None, ge=0, lt=2**32, description="GMM and subsample seed; default from the run seed"
     )
     fit_max_samples: int | None = Field(default=None, ge=2, description="fit on a seeded subsample")
-    pca_dims: int | None = Field(default=None, ge=1, description="PCA the features to this many dims first")
 
     @field_validator("cluster_on", "output")
     @classmethod
     def _field_name(cls, value: str) -> str:
         return check_field_name(value)
-
-
-def gmm_from_params(
-    weights: np.ndarray, means: np.ndarray, covariances: np.ndarray, prec_chol: np.ndarray
-) -> Any:
-    """A fitted full-covariance ``GaussianMixture`` rebuilt from saved arrays (predicts like the original)."""
-    model = GaussianMixture(n_components=len(weights), covariance_type="full")
-    model.weights_ = weights
-    model.means_ = means
-    model.covariances_ = covariances
-    model.precisions_cholesky_ = prec_chol
-    model.precisions_ = np.einsum("kij,klj->kil", prec_chol, prec_chol)
-    model.n_features_in_ = means.shape[1]
-    model.converged_ = True
-    return model
 
 
 class Cluster(Stage):
@@ -89,8 +87,7 @@ class Cluster(Stage):
 
     def __init__(self, settings: StageSettings, context: Any) -> None:
         super().__init__(settings, context)
-        self.model: Any = None
-        self.pca: tuple[np.ndarray, np.ndarray] | None = None
+        self.model: ClusterModel | None = None
         self.fitted: dict[str, Any] = {}
 
     def inputs(self) -> frozenset[str]:
@@ -104,61 +101,47 @@ class Cluster(Stage):
         s = self.settings.seed
         return s if s is not None else derive_seed(self.context.run_seed, "corpus", self.name) % 2**32
 
-    def features(self, vectors: np.ndarray) -> np.ndarray:
-        """What the GMM sees: the vectors, projected onto the PCA basis when one was fitted."""
-        x = np.asarray(vectors, dtype=np.float64)
-        if self.pca is None:
-            return x
-        mean, components = self.pca
-        return (x - mean) @ components.T
-
     def fit(self, columns: dict[str, list[Any]], artifact_dir: Path) -> dict[str, Any]:
         """Choose M by BIC on ``cluster_on`` (optionally subsampled, PCA'd); save; summarise."""
         s = self.settings
-        values = columns[s.cluster_on]
-        present = [i for i, v in enumerate(values) if v is not None]
-        if not present:
+        values = [v for v in columns[s.cluster_on] if v is not None]
+        if not values:
             raise ValueError(f"cluster: no row has {s.cluster_on!r}")
-        x = np.stack([np.asarray(values[i], dtype=np.float64).reshape(-1) for i in present])
+        x = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in values])
         seed = self.seed
-        fit_idx = np.arange(len(x))
+        fit_x = x
         if s.fit_max_samples is not None and len(x) > s.fit_max_samples:
             rng = np.random.default_rng(seed)
-            fit_idx = np.sort(rng.choice(len(x), size=s.fit_max_samples, replace=False))
-        self.pca = None
-        if s.pca_dims is not None:
-            from sklearn.decomposition import PCA
-
-            k = min(s.pca_dims, len(fit_idx), x.shape[1])
-            pca = PCA(n_components=k, svd_solver="full").fit(x[fit_idx])
-            self.pca = (pca.mean_, pca.components_)
-        z = self.features(x)
-        m_max = min(s.m_max, len(fit_idx))
-        selection = select_gmm_bic(z[fit_idx], m_max=m_max, seed=seed)
-        self.model = selection.model
-        labels = self.model.predict(z)
-        sizes = Counter(int(c) for c in labels)
+            fit_x = x[np.sort(rng.choice(len(x), size=s.fit_max_samples, replace=False))]
+        self.model = reduce_then_select(
+            fit_x, pca_dims=s.pca_dims, m_max=s.m_max, covariance_type=s.covariance, seed=seed
+        )
+        selection = self.model.selection
         summary = {
             "m_star": selection.m_star,
             "bic": list(selection.bic),
-            "m_range": [1, m_max],
+            "m_range": [1, len(selection.bic) or 1],
+            "m_max": s.m_max,
+            "covariance_type": s.covariance,
             "seed": seed,
             "cluster_on": s.cluster_on,
             "rows": len(x),
-            "fit_rows": len(fit_idx),
+            "fit_rows": len(fit_x),
             "feature_dim": int(x.shape[1]),
-            "gmm_dim": int(z.shape[1]),
-            "pca_dims": None if self.pca is None else int(z.shape[1]),
-            "converged": bool(self.model.converged_),
-            "cluster_sizes": {str(c): sizes[c] for c in sorted(sizes)},
+            "gmm_dim": self.model.dims,
+            "pca_dims": None if self.model.pca_components is None else self.model.dims,
+            "pca_variance_kept": self.model.variance_kept,
+            "converged": bool(selection.model.converged_),
+            "weights": [float(w) for w in selection.model.weights_],
         }
         self.fitted = summary
         self._save(artifact_dir, summary)
         return summary
 
     def _save(self, folder: Path, summary: dict[str, Any]) -> None:
+        assert self.model is not None
         folder.mkdir(parents=True, exist_ok=True)
-        m = self.model
+        m = self.model.selection.model
         empty = np.zeros((0,))
         np.savez(
             folder / PARAMS_FILE,
@@ -167,8 +150,8 @@ class Cluster(Stage):
             covariances=m.covariances_,
             precisions_cholesky=m.precisions_cholesky_,
             bic=np.asarray(summary["bic"]),
-            pca_mean=empty if self.pca is None else self.pca[0],
-            pca_components=empty if self.pca is None else self.pca[1],
+            pca_mean=empty if self.model.pca_mean is None else self.model.pca_mean,
+            pca_components=empty if self.model.pca_components is None else self.model.pca_components,
         )
         state = {
             "format": FORMAT_VERSION,
@@ -186,17 +169,26 @@ class Cluster(Stage):
                 f"{artifact_dir / STATE_FILE}: cluster artifact format {state.get('format')!r}, "
                 f"this augpipe reads format {FORMAT_VERSION}; delete the folder to refit"
             )
+        summary = state["summary"]
         with np.load(artifact_dir / PARAMS_FILE, allow_pickle=False) as saved:
-            self.model = gmm_from_params(
-                saved["weights"], saved["means"], saved["covariances"], saved["precisions_cholesky"]
+            kind = summary["covariance_type"]
+            gmm = gmm_from_params(
+                saved["weights"], saved["means"], saved["covariances"], saved["precisions_cholesky"], kind
             )
-            self.pca = (saved["pca_mean"], saved["pca_components"]) if saved["pca_mean"].size else None
-        self.fitted = state["summary"]
+            selection = GmmSelection(summary["m_star"], tuple(summary["bic"]), gmm, summary["seed"], kind)
+            reduced = saved["pca_mean"].size > 0
+            self.model = ClusterModel(
+                selection,
+                saved["pca_mean"] if reduced else None,
+                saved["pca_components"] if reduced else None,
+                summary["pca_variance_kept"],
+            )
+        self.fitted = summary
 
     def predict(self, vectors: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("cluster has not been fitted: call fit() or load_fitted() first")
-        return self.model.predict(self.features(vectors))
+        return self.model.predict(vectors)
 
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
         s = self.settings
@@ -220,5 +212,6 @@ class Cluster(Stage):
         for row, label in zip(todo, labels, strict=True):
             row[s.output] = int(label)
             record(row, self.name, cluster=int(label), m=m_star, seed=seed, cluster_on=s.cluster_on)
+            self.stats[f"cluster_{int(label)}_rows"] += 1
         self.stats["clustered"] += len(todo)
         return results

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from augpipe.methods.cmda import iter_offline_batches, resolve_mode, soft_labels
+from augpipe.methods.cmda import EPS, iter_offline_batches, resolve_mode, soft_labels
 from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 
@@ -232,29 +232,37 @@ class Interpolate(Stage):
     def fingerprint(self) -> str:
         return multiple_fingerprint(self)
 
-    def _check(self, row: Row, dims: dict[str, int]) -> str | None:
-        """Why ``row`` cannot join a pool, or None; fixes latent and vector dims from the first good row."""
+    def _check(self, row: Row, dims: dict[str, int]) -> tuple[str, str] | None:
+        """(cause, message) why ``row`` cannot join a pool, or None; fixes dims from the first good row.
+
+        A zero teacher latent has no direction: |cos| with it is undefined (0 by the ε guard), and in
+        ``reference_cma`` its zero row sum would scale everyone's weight on its student by 1/ε.
+        """
         s = self.settings
         for field in (s.student_latent, s.teacher_latent):
             vector = as_vector(row.get(field))
             if vector is None:
-                return f"field {field!r} is missing or not a finite vector"
+                return "missing_field", f"field {field!r} is missing or not a finite vector"
             if dims.setdefault(field, vector.size) != vector.size:
-                return f"field {field!r} has {vector.size} values, the shard's others {dims[field]}"
+                return "missing_field", (
+                    f"field {field!r} has {vector.size} values, the shard's others {dims[field]}"
+                )
+            if field == s.teacher_latent and not np.linalg.norm(vector) > EPS:
+                return "zero_teacher_latent", f"field {field!r} is a zero vector: no cross-modal weights"
         raw = row.get(s.raw_field)
         if s.student == "image":
             if not is_image(raw):
-                return f"field {s.raw_field!r} is missing or not an image"
+                return "missing_field", f"field {s.raw_field!r} is missing or not an image"
         else:
             vector = as_vector(raw)
             if vector is None:
-                return f"field {s.raw_field!r} is missing or not a finite vector"
+                return "missing_field", f"field {s.raw_field!r} is missing or not a finite vector"
             if dims.setdefault(s.raw_field, vector.size) != vector.size:
-                return (
+                return "missing_field", (
                     f"field {s.raw_field!r} has {vector.size} values, the shard's others {dims[s.raw_field]}"
                 )
         if s.uses_clusters and not isinstance(row.get(s.cluster_field), int | np.integer):
-            return f"field {s.cluster_field!r} is missing or not an int cluster id"
+            return "missing_field", f"field {s.cluster_field!r} is missing or not an int cluster id"
         return None
 
     def _image_size(self, rows: Sequence[Row]) -> tuple[int, int]:
@@ -271,7 +279,7 @@ class Interpolate(Stage):
         for row in sorted_rows(rows):
             problem = self._check(row, dims)
             if problem:
-                failures.append(self.fail(row, "missing_field", problem))
+                failures.append(self.fail(row, *problem))
             else:
                 pool_rows.append(row)
         if not pool_rows:
