@@ -192,7 +192,12 @@ def _sidecar_columns(unit: InputUnit) -> dict[str, dict[str, Any]]:
 
 
 def _as_value(value: Any) -> Any:
-    return np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
+    """Numeric lists (embeddings) as float32 arrays; other lists (augpipe's own stage_chain, typed soft
+    labels) stay as they are, so an output folder reads back as an input."""
+    numeric = isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+    return np.asarray(value, dtype=np.float32) if numeric else value
 
 
 def _admit(result: ReadResult, key: str, decode: Callable[[], Row], required: list[str]) -> None:
