@@ -150,15 +150,22 @@ def test_augmented_samples_with_shuffled_labels_hurt(few_shot, tmp_path):
         assert diff(result, metric)["ci"][1] < 0 and diff(result, metric)["verdict"] == "hurts"
 
 
-def test_soft_labels_are_used_as_weighted_rows_instead_of_the_hard_label(few_shot, tmp_path):
+@pytest.mark.parametrize("typed", [False, True], ids=["json-string", "list-of-structs"])
+def test_soft_labels_are_used_as_weighted_rows_instead_of_the_hard_label(few_shot, tmp_path, typed):
     """Hard labels all wrong, soft labels right: only a probe that trains on the soft labels gains."""
     rows = augmented_rows(few_shot["train_rows"], 12, seed=3, means=few_shot["means"])
     for row in rows:
         true = row["label"]
         wrong = f"c{(int(true[1:]) + 1) % CLASSES}"
         row["label"] = wrong
-        row["soft_label"] = json.dumps({true: 0.8, wrong: 0.2})
-    result = evaluate(few_shot["train"], write_table(tmp_path / "soft", rows), few_shot["test"], FAST)
+        soft = {true: 0.8, wrong: 0.2}
+        row["soft_label"] = (
+            [{"label": k, "weight": w} for k, w in soft.items()] if typed else json.dumps(soft)
+        )
+    augmented = write_table(tmp_path / "soft", rows)
+    soft_type = pq.read_schema(augmented / "part-00000.parquet").field("soft_label").type
+    assert pa.types.is_list(soft_type) if typed else pa.types.is_string(soft_type)
+    result = evaluate(few_shot["train"], augmented, few_shot["test"], FAST)
     assert result["corpora"]["augmented"]["soft_labelled"] == len(rows)
     assert diff(result)["ci"][0] > 0
     assert "sample_weight" in result["protocol"]["soft_labels"]

@@ -69,8 +69,20 @@ CORPUS = click.Path(exists=True, path_type=Path)
     show_default=True,
     help="image, text, auto, or an embedding column every corpus carries (e.g. text_embedding).",
 )
-@click.option("--task", type=click.Choice(["classify", "anomaly"]), default="classify", show_default=True)
-@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="Probe seeds.")
+@click.option(
+    "--task",
+    type=click.Choice(["classify", "anomaly"]),
+    default="classify",
+    show_default=True,
+    help="classify: accuracy, macro-F1; anomaly: AUROC, AUPR with a class held out of training (CMDA).",
+)
+@click.option(
+    "--seeds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seeds; each draws its own --train-fraction subsample and seeds the probe.",
+)
 @click.option(
     "--train-fraction",
     type=click.FloatRange(0, 1, min_open=True),
@@ -85,7 +97,12 @@ CORPUS = click.Path(exists=True, path_type=Path)
 )
 @click.option("--anomaly-class", help="Anomaly task: the class held out (default: each class in turn).")
 @click.option(
-    "--bootstrap", "replicates", default=1000, show_default=True, type=click.IntRange(100), help="Replicates."
+    "--bootstrap",
+    "replicates",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(100),
+    help="Bootstrap replicates for the intervals.",
 )
 @click.option(
     "--set",
