@@ -29,6 +29,7 @@ demo: $(VENV)/.runtime
 	$(AUGPIPE) run back-speech --input demo/text --output out/back-speech
 	$(AUGPIPE) inspect out/back-speech
 	$(AUGPIPE) run cmda --input demo/images --output out/cmda --set interpolate.pool_size=4
+	$(AUGPIPE) evaluate --train demo/images --augmented out/cmda
 	$(AUGPIPE) inspect out/cmda --html out/cmda.html
 	$(AUGPIPE) run back-captioning --profile tiny --input demo/images --output out/back-captioning
 	$(AUGPIPE) inspect out/back-captioning

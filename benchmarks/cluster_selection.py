@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from augpipe.methods.gmm import reduce_then_select

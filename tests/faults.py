@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import importlib.abc, importlib.util, os, signal, sys
 
 TARGET = os.environ["AUGPIPE_FAULT_TARGET"]        # run | read_source | commit_shard
@@ -75,7 +75,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _Finder())
-'''
+"""
 
 
 def fault_env(folder: Path, target: str, shard: str, once: bool, delay: float = 0.0) -> dict[str, str]:

@@ -18,7 +18,7 @@ from tests.cli import invoke
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "recipes", "stages", "inspect", "validate", "ingest", "demo-data"]
+    "command", ["run", "recipes", "stages", "inspect", "validate", "ingest", "demo-data", "evaluate"]
 )
 def test_every_command_has_help(command):
     code, output = invoke(command, "--help")

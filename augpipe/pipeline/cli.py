@@ -25,6 +25,7 @@ from pathlib import Path
 
 import click
 
+from augpipe.evaluate.command import evaluate_command
 from augpipe.pipeline.config import ConfigError, available_recipes, load_recipe
 from augpipe.pipeline.models import ModelNotFoundError
 
@@ -350,6 +351,8 @@ def demo_data(out_dir: Path) -> None:
     for name, paths in write_demo_data(out_dir).items():
         click.echo(f"{name}: {len(paths)} shards in {out_dir / name}")
 
+
+main.add_command(evaluate_command)
 
 if __name__ == "__main__":
     main()

@@ -237,14 +237,23 @@ def _sidecar_columns(unit: InputUnit) -> dict[str, dict[str, Any]]:
 
 
 def _column_values(column: pa.ChunkedArray) -> list[Any]:
-    """Python values of a column; numeric list columns as float32 arrays (fast path for embeddings)."""
+    """Python values of a column; numeric list columns as float32 arrays (fast path for embeddings).
+
+    Other lists (augpipe's own stage_chain, typed soft labels) stay as they are, so an output folder
+    reads back as an input."""
     kind = column.type
     if pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type) and column.null_count == 0:
         flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         return list(flat.reshape(len(column), kind.list_size))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
-    return column.to_pylist()
+    return [_as_value(v) for v in column.to_pylist()]
+
+
+def _as_value(value: Any) -> Any:
+    """A numeric list as a float32 array; anything else unchanged."""
+    numeric = isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+    return np.asarray(value, dtype=np.float32) if numeric else value
 
 
 def _tar_samples(stream: IO[bytes], size: int, admission: _Admission, limits: Limits) -> None:
@@ -326,7 +335,7 @@ def read_tabular(
                 continue
             if column == "text":
                 value = _decode_text(str(value).encode(), f"{unit.label} row {key}", limits)
-            row[column] = np.asarray(value, dtype=np.float32) if isinstance(value, list) else value
+            row[column] = _as_value(value)
         return row
 
     for offset, record in enumerate(table_records(unit)):

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from augpipe.evaluate.render import evaluation_section
+
 
 def _examples(out_dir: Path, manifest: dict[str, Any], limit: int) -> list[str]:
     lines: list[str] = []
@@ -145,4 +147,5 @@ def html_report(out_dir: Path, manifest: dict[str, Any], examples: int = 8, top:
         + f"<h1>{html.escape(manifest['recipe'])}</h1><pre>{summary}</pre>"
         + "<h2>Generated samples</h2><table><tr><th>source</th><th>generated</th>"
         + f"<th colspan='{top}'>strongest contributors</th></tr>{''.join(cells)}</table>"
+        + evaluation_section(out_dir)
     )

@@ -16,8 +16,9 @@ BIC never compares degenerate fits; a one-row corpus gets M = 1 without EM.
 
 Unlike the reference, which refits a 2-component GMM on every mini-batch, the fit is global and the
 labels are fixed, so an anchor's cluster does not depend on which batch it lands in (METHODS's offline
-driver: "BIC over {1…M_max} on the clustering features, then fixed"). ``fit_max_samples`` fits on a
-seeded uniform subsample (EM is O(n·M·k²) per iteration); every row is still labelled.
+driver: "BIC over {1…M_max} on the clustering features, then fixed"). The engine hands ``fit`` a seeded
+uniform sample of at most ``fit_max_rows`` rows (EM is O(n·M·k²) per iteration); every row is still
+labelled.
 
 The fit summary (in the manifest under ``artifacts[<step>]``) holds the BIC curve (``bic[m-1]`` is the
 BIC of M = m), ``m_star``, the covariance type, the feature and GMM dimensions, the variance the PCA
@@ -65,7 +66,6 @@ class ClusterSettings(GlobalStageSettings):
     seed: int | None = Field(
         default=None, ge=0, lt=2**32, description="GMM and subsample seed; default from the run seed"
     )
-    fit_max_samples: int | None = Field(default=None, ge=2, description="fit on a seeded subsample")
 
     @field_validator("cluster_on", "output")
     @classmethod
@@ -109,12 +109,8 @@ class Cluster(Stage):
             raise ValueError(f"cluster: no row has {s.cluster_on!r}")
         x = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in values])
         seed = self.seed
-        fit_x = x
-        if s.fit_max_samples is not None and len(x) > s.fit_max_samples:
-            rng = np.random.default_rng(seed)
-            fit_x = x[np.sort(rng.choice(len(x), size=s.fit_max_samples, replace=False))]
         self.model = reduce_then_select(
-            fit_x, pca_dims=s.pca_dims, m_max=s.m_max, covariance_type=s.covariance, seed=seed
+            x, pca_dims=s.pca_dims, m_max=s.m_max, covariance_type=s.covariance, seed=seed
         )
         selection = self.model.selection
         summary = {
@@ -125,8 +121,7 @@ class Cluster(Stage):
             "covariance_type": s.covariance,
             "seed": seed,
             "cluster_on": s.cluster_on,
-            "rows": len(x),
-            "fit_rows": len(fit_x),
+            "fit_rows": len(x),
             "feature_dim": int(x.shape[1]),
             "gmm_dim": self.model.dims,
             "pca_dims": None if self.model.pca_components is None else self.model.dims,
