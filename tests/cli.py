@@ -17,9 +17,11 @@ def invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
 
 
-def augpipe(*args: str, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """``augpipe ARGS`` in a subprocess, as a user runs it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def augpipe(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """``augpipe ARGS`` in a subprocess, as a user runs it (``env``: variables added to ours)."""
+    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"}
     return subprocess.run(
         [sys.executable, "-m", "augpipe.pipeline.cli", *args],
         capture_output=True,
