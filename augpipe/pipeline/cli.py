@@ -342,6 +342,47 @@ def runs(out_dir: str, as_json: bool) -> None:
         )
 
 
+@main.command()
+@click.argument("recipe")
+@click.option("--input", "input_path", required=True, help="The corpus to estimate for (path or URL).")
+@click.option("--sample", default=2, show_default=True, type=click.IntRange(1), help="Input shards to run.")
+@click.option("--seed", "sample_seed", default=0, show_default=True, help="Seed of the shard sample.")
+@click.option("--profile", default="cpu", show_default=True, help="Backend profile (tiny, cpu, gpu) or YAML.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one option, as in run.")
+@click.option("--address", help="Ray cluster to measure on (and project for); default: this machine.")
+@click.option("--gpus", type=click.FloatRange(0), help="What if the cluster had this many GPUs.")
+@click.option("--cpus", type=click.FloatRange(0, min_open=True), help="What if it had this many CPUs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the projection as JSON.")
+def estimate(
+    recipe: str,
+    input_path: str,
+    sample: int,
+    sample_seed: int,
+    profile: str,
+    sets: tuple[str, ...],
+    address: str | None,
+    gpus: float | None,
+    cpus: float | None,
+    as_json: bool,
+) -> None:
+    """Project wall time, GPU-hours and output size of RECIPE over --input from a run on a sample."""
+    from augpipe.pipeline.estimate import estimate as project
+    from augpipe.pipeline.estimate import render
+    from augpipe.pipeline.storage import StorageError
+
+    _setup_logging(quiet=True)
+    try:
+        resolved = load_recipe(recipe, profile=profile, sets=list(sets))
+        result = project(resolved, input_path, sample, sample_seed, address, cpus, gpus)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except ModelNotFoundError as exc:
+        _fail(str(exc), EXIT_MODEL)
+    except StorageError as exc:
+        _fail(f"storage: {exc}", EXIT_STORAGE)
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else render(result))
+
+
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def demo_data(out_dir: Path) -> None:
