@@ -18,13 +18,16 @@ TARGET = os.environ["AUGPIPE_FAULT_TARGET"]        # run | read_source | commit_
 SHARD = os.environ["AUGPIPE_FAULT_SHARD"]
 MARKER = os.environ.get("AUGPIPE_FAULT_MARKER")    # set: die once; unset: die every time
 DELAY = float(os.environ.get("AUGPIPE_FAULT_DELAY", "0"))  # seconds every call waits first
+HOLD = set(filter(None, os.environ.get("AUGPIPE_FAULT_HOLD", "").split(",")))  # shards that never pass
 
 
 def _die_for(shard_id):
-    if DELAY:
-        import time
+    import time
 
+    if DELAY:
         time.sleep(DELAY)
+    while shard_id in HOLD:  # until the test kills the run
+        time.sleep(1)
     if shard_id != SHARD:
         return
     if MARKER:
@@ -78,10 +81,13 @@ sys.meta_path.insert(0, _Finder())
 """
 
 
-def fault_env(folder: Path, target: str, shard: str, once: bool, delay: float = 0.0) -> dict[str, str]:
+def fault_env(
+    folder: Path, target: str, shard: str, once: bool, delay: float = 0.0, hold: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Environment for a subprocess whose workers die in ``target`` on ``shard`` (once, or always).
 
-    ``delay`` slows every call of ``target`` down, so that a fault from outside lands mid-run.
+    ``delay`` slows every call of ``target`` down, so that a fault from outside lands mid-run; calls for the
+    shards in ``hold`` never return, so a test that kills the run knows exactly which shards were done.
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -92,6 +98,7 @@ def fault_env(folder: Path, target: str, shard: str, once: bool, delay: float = 
         "AUGPIPE_FAULT_SHARD": shard,
         "RAY_AUTH_MODE": "disabled",
         "AUGPIPE_FAULT_DELAY": str(delay),
+        "AUGPIPE_FAULT_HOLD": ",".join(hold),
     }
     if once:
         env["AUGPIPE_FAULT_MARKER"] = str(folder / "killed")
