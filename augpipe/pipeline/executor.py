@@ -486,7 +486,7 @@ class _Drive:
         prune = [] if work.keep_cache else execution.cache_rels(work.plan, unit)
         plan = work.plan
         ref = remote(commit_shard).remote(
-            work.out, unit, plan.recipe, plan.run_fingerprint, shard.rows, shard.history, prune
+            work.out, unit, plan.output, plan.run_fingerprint, shard.rows, shard.history, prune
         )
         self.running[ref] = _Call("finish", shard)
 
@@ -589,7 +589,7 @@ class _Drive:
         ref = remote(commit_lost_shard).remote(
             work.out,
             shard.unit,
-            plan.recipe,
+            plan.output,
             plan.run_fingerprint,
             shard.rows,
             shard.history,

@@ -129,7 +129,7 @@ class LocalExecutor:
             rows, history = self._rows_until(work, unit, len(plan.stages), progress, state)
             prune = [] if work.keep_cache else execution.cache_rels(plan, unit)
             stats: dict[str, Any] = commit_shard(
-                work.out, unit, plan.recipe, plan.run_fingerprint, rows, history, prune
+                work.out, unit, plan.output, plan.run_fingerprint, rows, history, prune
             )
         except Exception as exc:
             log.debug("%s failed", unit.shard_id, exc_info=exc)

@@ -117,6 +117,20 @@ def _inputs(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [seen[p] for p in sorted(seen)]
 
 
+def label_vocabulary(shards: list[dict[str, Any]], known: list[str]) -> dict[str, Any]:
+    """The corpus's label names and their sample counts. Names keep the order an earlier manifest gave
+    them and new ones are appended (sorted), so class ids (the dataset card's ``ClassLabel``) stay stable
+    across nightly runs."""
+    counts: Counter[str] = Counter()
+    seen: set[str] = set()
+    for shard in shards:
+        for name, n in shard.get("labels", {}).items():
+            counts[name] += n
+            seen.add(name)
+    names = [*known, *sorted(seen - set(known))]
+    return {"names": names, "counts": {name: counts.get(name, 0) for name in names}}
+
+
 def _cache_use(store: Store) -> dict[str, int]:
     files = store.list_files(layout.CACHE_DIR, recursive=True)
     return {"bytes": sum(f.size for f in files), "files": len(files)}
@@ -162,6 +176,7 @@ def build_manifest(
     broken: dict[str, dict[str, Any]],
     runs: list[dict[str, Any]],
     cluster: dict[str, Any],
+    known_labels: list[str] | None = None,
 ) -> dict[str, Any]:
     """The manifest of the corpus as it stands: every committed shard, including earlier runs'."""
     recipe = plan.recipe
@@ -196,6 +211,7 @@ def build_manifest(
             "failed": failures["total"],
             "failure_rate": failures["total"] / samples_in if samples_in else 0.0,
         },
+        "labels": label_vocabulary(shards, known_labels or []),
         "stages": stages,
         "reused": {name: t["reused_shards"] for name, t in stages.items() if t["reused_shards"]},
         "failures": failures,

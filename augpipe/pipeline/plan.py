@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import augpipe
 from augpipe.pipeline.config import ConfigError, Recipe
 from augpipe.pipeline.registry import build_stage
+from augpipe.pipeline.sidecar import OutputSpec
 from augpipe.pipeline.stage import Stage, StageContext
 
 SOURCE_FIELDS = frozenset({"key", "variant", "lineage", "label", "meta"})
@@ -19,12 +21,14 @@ SOURCE_FIELDS = frozenset({"key", "variant", "lineage", "label", "meta"})
 
 @dataclass(frozen=True)
 class Plan:
-    """Checked stages in order with their chain fingerprints, and the fingerprint of the whole run."""
+    """Checked stages in order with their chain fingerprints, the fingerprint of the whole run, and how
+    its rows become output samples (what the commit tasks need, without the stages themselves)."""
 
     recipe: Recipe
     stages: list[Stage]
     chain: list[str]
     run_fingerprint: str
+    output: OutputSpec
 
 
 def context_of(recipe: Recipe) -> StageContext:
@@ -63,4 +67,12 @@ def build_plan(recipe: Recipe, check_models: bool = True) -> Plan:
         link = _chain(link, stage.fingerprint())
         chain.append(link)
     tail = _chain(link, f"{recipe.tag}|{sorted(recipe.output.items())}")
-    return Plan(recipe=recipe, stages=stages, chain=chain, run_fingerprint=tail)
+    scores = sorted({name for stage in stages for name in stage.outputs() if name.startswith("score_")})
+    metadata = {
+        "recipe": recipe.name,
+        "config_hash": recipe.config_hash(),
+        "fingerprint": tail,
+        "augpipe_version": augpipe.__version__,
+    }
+    spec = OutputSpec(recipe.name, recipe.tag, dict(recipe.output), tuple(scores), metadata)
+    return Plan(recipe=recipe, stages=stages, chain=chain, run_fingerprint=tail, output=spec)

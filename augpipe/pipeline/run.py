@@ -24,6 +24,7 @@ from typing import Any
 
 from augpipe.pipeline import corpus, layout
 from augpipe.pipeline.address import ClusterAddress, check_address
+from augpipe.pipeline.card import write_card
 from augpipe.pipeline.config import ConfigError, Recipe
 from augpipe.pipeline.execution import Executor, RunAborted, RunState, Work, log
 from augpipe.pipeline.index import IndexSummary, drop_digest
@@ -151,6 +152,8 @@ class _Prepared:
     drops: dict[str, dict[bytes, str]]
     runs: list[dict[str, Any]]
     extra: dict[str, Any]
+    labels: list[str]
+    """Label names an earlier manifest gave ids to (kept in order)."""
 
 
 def _todo(
@@ -213,11 +216,12 @@ def _finish(
     }
     record = run_record(run_id, started, datetime.now(UTC), prepared.plan, state.committed, extra)
     manifest = build_manifest(
-        prepared.plan, store, shards, state.broken, [*prepared.runs, record], state.cluster
+        prepared.plan, store, shards, state.broken, [*prepared.runs, record], state.cluster, prepared.labels
     )
     path, error = None, None
     try:
         path = write_manifest(store, manifest)
+        write_card(store, manifest)
     except OSError as exc:
         if not is_storage_error(exc):
             raise
@@ -253,8 +257,9 @@ def _run_locked(
         index_s = time.perf_counter() - indexed
         extra = {"incremental": options.incremental, "overwrite": clear}
         extra |= _set_aside(store, units, run_id, options.incremental)
-        runs = list(previous.get("runs", [])) if previous is not None and not clear else []
-        prepared = _Prepared(plan, units, todo, index, drops, runs, extra)
+        kept = previous if previous is not None and not clear else {}
+        runs, labels = list(kept.get("runs", [])), list(kept.get("labels", {}).get("names", []))
+        prepared = _Prepared(plan, units, todo, index, drops, runs, extra, labels)
         state = _execute(prepared, executor, store, run_id, options)
         state.phases = {"index": index_s, **state.phases}
     finally:

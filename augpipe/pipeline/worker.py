@@ -30,6 +30,7 @@ from augpipe.pipeline.reader import READ_STAGE, read_unit
 from augpipe.pipeline.registry import build_stage
 from augpipe.pipeline.rowcodec import rows_to_table, table_to_rows
 from augpipe.pipeline.rows import Failure, Row, candidate_id, derive_seed
+from augpipe.pipeline.sidecar import OutputSpec, label_counts
 from augpipe.pipeline.stage import StageContext
 from augpipe.pipeline.storage import Store
 from augpipe.pipeline.writer import write_quarantine, write_shard, write_stats
@@ -326,7 +327,7 @@ def _failure_summary(failures: list[dict[str, Any]]) -> dict[str, Any]:
 def commit_shard(
     out: Store,
     unit: InputUnit,
-    recipe: Recipe,
+    spec: OutputSpec,
     run_fingerprint: str,
     rows: list[Row],
     history: History,
@@ -338,7 +339,7 @@ def commit_shard(
     failures = [Failure(**{**f, "variant": tuple(f.get("variant", ()))}) for f in history["failures"]]
     tar_rel, parquet_rel = layout.data_files(unit.shard_id)
     try:
-        written = write_shard(out, unit.shard_id, rows, recipe.name, recipe.tag, recipe.output)
+        written = write_shard(out, unit.shard_id, rows, spec)
         quarantine = write_quarantine(out, unit.shard_id, failures)
         stats = {
             **{k: v for k, v in history.items() if k != "failures"},
@@ -348,6 +349,7 @@ def commit_shard(
             "committed_at": datetime.now(UTC).isoformat(),
             "samples_in": history["stages"][0]["samples_in"] if history["stages"] else 0,
             "samples_out": len(rows),
+            "labels": label_counts(rows, spec),
             "outputs": [asdict(w) for w in written],
             "quarantine": quarantine,
         }
@@ -369,7 +371,7 @@ def commit_shard(
 def commit_lost_shard(
     out: Store,
     unit: InputUnit,
-    recipe: Recipe,
+    spec: OutputSpec,
     run_fingerprint: str,
     rows: list[Row],
     history: History,
@@ -381,4 +383,4 @@ def commit_lost_shard(
     keys = sorted({row["key"] for row in rows})
     lost = [asdict(Failure(key, step, "worker_crashed", message)) for key in keys]
     history = {**history, "failures": [*history["failures"], *lost]}
-    return commit_shard(out, unit, recipe, run_fingerprint, [], history, prune)
+    return commit_shard(out, unit, spec, run_fingerprint, [], history, prune)

@@ -16,7 +16,6 @@ import json
 from typing import IO, Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 import webdataset as wds
@@ -25,9 +24,8 @@ from PIL import Image
 from augpipe.pipeline import layout
 from augpipe.pipeline.rowcodec import json_default
 from augpipe.pipeline.rows import Failure, Row
+from augpipe.pipeline.sidecar import OutputSpec, sample_json, sidecar_table, target_of
 from augpipe.pipeline.storage import Store
-
-LINEAGE_FIELDS = ("key", "variant", "lineage", "output_key")
 
 
 def output_key(row: Row, tag: str) -> str:
@@ -78,42 +76,6 @@ def _members(row: Row, key: str, output: dict[str, str], meta: dict[str, Any]) -
     return sample
 
 
-def _label_array(labels: list[Any]) -> pa.Array:
-    present = [v for v in labels if v is not None]
-    if present and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in present):
-        return pa.array(labels, type=pa.int64())
-    return pa.array([None if v is None else str(v) for v in labels], type=pa.string())
-
-
-def _sidecar(rows: list[Row], keys: list[str], recipe: str, output: dict[str, str]) -> pa.Table:
-    columns: dict[str, pa.Array] = {
-        "key": pa.array(keys, type=pa.string()),
-        "parent_key": pa.array([r["key"] for r in rows], type=pa.string()),
-        "label": _label_array([r.get("label") for r in rows]),
-        "recipe": pa.array([recipe] * len(rows), type=pa.string()),
-        "variant": pa.array([list(r.get("variant", ())) for r in rows], type=pa.list_(pa.int32())),
-        "stage_chain": pa.array([list(r.get("lineage", {})) for r in rows], type=pa.list_(pa.string())),
-    }
-    for name, source in output.items():
-        values = [r.get(source) for r in rows]
-        if name == "text":
-            columns["text"] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
-        elif name.endswith("_embedding"):
-            width = len(next((v for v in values if v is not None), []))
-            flat = [None if v is None else np.asarray(v, dtype=np.float32).tolist() for v in values]
-            columns[name] = pa.array(flat, type=pa.list_(pa.float32(), width))
-        elif name not in {"image", "audio"}:
-            columns[name] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
-    score_names = sorted({n for r in rows for n in r if n.startswith("score_")})
-    for name in score_names:
-        columns[name] = pa.array([r.get(name) for r in rows], type=pa.float64())
-    columns["lineage"] = pa.array(
-        [json.dumps(r.get("lineage", {}), sort_keys=True, default=json_default) for r in rows],
-        type=pa.string(),
-    )
-    return pa.table(columns)
-
-
 @dataclasses.dataclass(frozen=True)
 class WrittenFile:
     """An output file as the manifest and resume check record it."""
@@ -146,21 +108,26 @@ def output_keys(rows: list[Row], tag: str) -> list[str]:
     return keys
 
 
-def write_shard(
-    out: Store, shard_id: str, rows: list[Row], recipe: str, tag: str, output: dict[str, str]
-) -> list[WrittenFile]:
-    """The tar and Parquet sidecar of one output shard, each atomically; returns them for the manifest."""
-    keys = output_keys(rows, tag)
+def write_shard(out: Store, shard_id: str, rows: list[Row], spec: OutputSpec) -> list[WrittenFile]:
+    """The tar and Parquet sidecar of one output shard, each atomically; returns them for the manifest.
+
+    A shard with no output rows writes no data files (an empty Parquet file breaks Hugging Face's loader,
+    and an empty tar adds nothing): its stats record alone marks it done.
+    """
+    if not rows:
+        return []
+    keys = output_keys(rows, spec.tag)
+    targets = [target_of(row, spec) for row in rows]
+    scores = spec.score_names(rows)
 
     def write_tar(fh: IO[bytes]) -> None:
         with wds.TarWriter(fh, mtime=0, user="augpipe", group="augpipe", encoder=False) as sink:
-            for row, key in zip(rows, keys, strict=True):
-                meta = {"key": key, "parent_key": row["key"], "label": row.get("label"), "recipe": recipe}
-                sink.write(_members(row, key, output, meta))
+            for row, key, target in zip(rows, keys, targets, strict=True):
+                sink.write(_members(row, key, spec.output, sample_json(row, key, target, spec, scores)))
 
     def write_parquet(fh: IO[bytes]) -> None:
         buffer = io.BytesIO()
-        pq.write_table(_sidecar(rows, keys, recipe, output), buffer)
+        pq.write_table(sidecar_table(rows, keys, targets, spec, shard_id), buffer)
         fh.write(buffer.getvalue())
 
     tar_rel, parquet_rel = layout.data_files(shard_id)
