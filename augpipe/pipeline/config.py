@@ -108,7 +108,7 @@ def available_recipes() -> dict[str, Path]:
 
 def _recipe_file(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    if path.suffix in {".yaml", ".yml"} or path.is_file():
         return path
     recipes = available_recipes()
     if name_or_path not in recipes:

@@ -6,7 +6,8 @@ fast tests). Both run the same per-shard steps from ``worker``: read, each stage
 phase for global stages.
 
 Caching: a step's per-shard output is cached only when its stage is expensive (``cacheable``: model
-stages) and it is not the last step (the shard itself is the last step's result). Caches serve two
+stages) and an expensive step follows it (the shard itself is the last step's result, and cheap filters
+after a step are redone in milliseconds). Caches serve two
 purposes, resuming a shard a killed run left half done and re-running with a changed downstream option
 (``--overwrite``), and they are pruned when their shard commits unless ``keep_cache`` asks otherwise.
 """
@@ -108,9 +109,16 @@ class Executor(Protocol):
 
 
 def cached_steps(plan: Plan) -> list[bool]:
-    """Which steps' per-shard outputs are cached: expensive ones, never the last."""
-    last = len(plan.stages) - 1
-    return [stage.cacheable and i < last for i, stage in enumerate(plan.stages)]
+    """Which steps' per-shard outputs are cached: expensive ones with expensive work after them.
+
+    Never the last step (the shard itself is its result), nor one followed only by cheap steps (filters,
+    selection): redoing those costs milliseconds, while their cache would be a second copy of the shard.
+    """
+    stages = plan.stages
+    return [
+        stage.cacheable and any(later.cacheable for later in stages[i + 1 :])
+        for i, stage in enumerate(stages)
+    ]
 
 
 def cache_rels(plan: Plan, unit: InputUnit) -> list[str]:
