@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ from augpipe.pipeline import layout
 from augpipe.pipeline.config import StageEntry, load_recipe
 from augpipe.pipeline.demo import write_demo_data
 from augpipe.pipeline.registry import build_stage
+from augpipe.pipeline.report import html_report
 from augpipe.pipeline.run import run_recipe
 from augpipe.pipeline.sidecar import hard_label, soft_label_pairs
 from augpipe.pipeline.stage import StageContext
@@ -252,3 +256,76 @@ def test_soft_labels_and_their_argmax():
     assert hard_label(even, "z") == "a", "then to the first name"
     assert hard_label(soft_label_pairs({"a": 0.3, "b": 0.7}), "a") == "b"
     assert hard_label(None, "own") == "own"
+
+
+# -- the HTML report, in a real browser ------------------------------------------------------------------
+
+ARTIFACTS = Path(os.environ.get("AUGPIPE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build"))
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
+
+def _browse(page: Path, screenshot: Path) -> dict[str, str]:
+    """Open ``page`` headless: the attributes its load handler set on <body>, and a screenshot."""
+    browser = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    url = page.resolve().as_uri()
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [browser, *flags, "--window-size=1300,2600", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_report_shows_examples_with_no_broken_image(name, outputs, tmp_path):
+    folder = outputs[name]
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    page = tmp_path / f"{name}.html"
+    page.write_text(html_report(folder, manifest, examples=6))
+    seen = _browse(page, ARTIFACTS / "test-artifacts" / f"report-{name}.png")
+    assert (ARTIFACTS / "test-artifacts" / f"report-{name}.png").stat().st_size > 10_000
+    assert seen["broken-images"] == "0"
+    assert int(seen["examples"]) == min(6, manifest["samples"]["out"])
+    if name not in {"passthrough", "back-speech", "cmda-text"}:
+        assert int(seen["images"]) >= int(seen["examples"]), "image recipes show their images"
+    text = page.read_text()
+    assert "not reachable" not in text
+    for stage in manifest["stages"]:
+        assert f"<td>{stage}</td>" in text
+
+
+def test_the_report_of_a_moved_corpus_warns_and_the_cmda_report_shows_its_fit(outputs, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(outputs["mixup"], moved)
+    stats = sorted((moved / layout.STATS_DIR).glob("*.json"))
+    for path in stats:
+        record = json.loads(path.read_text())
+        record["input_identity"]["path"] = str(
+            tmp_path / "gone" / Path(record["input_identity"]["path"]).name
+        )
+        path.write_text(json.dumps(record))
+    text = html_report(moved, json.loads((moved / layout.MANIFEST).read_text()))
+    assert "is not reachable; sources are not shown" in text
+    cmda = html_report(outputs["cmda"], json.loads((outputs["cmda"] / layout.MANIFEST).read_text()))
+    assert "BIC by number of clusters M" in cmda and "cluster sizes" in cmda and "soft label:" in cmda
+    speech = html_report(
+        outputs["back-speech"], json.loads((outputs["back-speech"] / layout.MANIFEST).read_text())
+    )
+    assert "<ins>" in speech or "<del>" in speech, "a paraphrase is shown as a diff of its source"
+    assert "score_edit_ratio (sampled rows)" in speech

@@ -1,19 +1,16 @@
-"""The human summary behind ``augpipe inspect``: counts, stages, failures, and examples side by side."""
+"""What ``augpipe inspect`` shows a person: a text summary, or an HTML report (``--html``)."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pyarrow.parquet as pq
-import webdataset as wds
-from PIL import Image
 
 from augpipe.evaluate.render import evaluation_section
+from augpipe.pipeline import plots, report_samples
+from augpipe.pipeline.report_samples import Candidate
 
 
 def _examples(out_dir: Path, manifest: dict[str, Any], limit: int) -> list[str]:
@@ -69,83 +66,89 @@ def summary_text(out_dir: Path, manifest: dict[str, Any], examples: int = 5) -> 
         causes = ", ".join(f"{cause} {n}" for cause, n in sorted(failures["by_cause"].items()))
         lines.append(f"failures by cause: {causes} (quarantine: {out_dir / failures['quarantine']})")
         lines.extend(f"  {f['key']} [{f['stage']}]: {f['message']}" for f in failures["examples"][:5])
-    lines.append("examples:")
-    lines.extend(_examples(out_dir, manifest, examples))
+    shown = _examples(out_dir, manifest, examples)
+    if shown:
+        lines += ["examples:", *shown]
     return "\n".join(lines)
 
 
-def _thumbnail(data: bytes, side: int = 128) -> str:
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        image.thumbnail((side, side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+def _wall(manifest: dict[str, Any]) -> str:
+    seconds = sum((manifest["runs"][-1].get("phases") or {}).values()) if manifest.get("runs") else 0.0
+    return f"{seconds:,.1f} s"
 
 
-def _media_of(sample: dict[str, Any]) -> str:
-    """An <img> for a sample's image member, else its text, escaped."""
-    for ext in ("png", "jpg", "jpeg", "webp"):
-        if ext in sample:
-            return f'<img src="{_thumbnail(sample[ext])}">'
-    text = sample.get("txt", b"")
-    return f"<p>{html.escape(text.decode('utf-8', 'replace') if isinstance(text, bytes) else str(text))}</p>"
+def _overrides(manifest: dict[str, Any]) -> list[str]:
+    """Settings of this corpus that differ from the shipped recipe file (profile, --config, --set)."""
+    from augpipe.pipeline.config import ConfigError, load_recipe
+    from augpipe.pipeline.corpus import config_differences
+
+    try:
+        shipped = load_recipe(manifest["recipe"], profile=None).model_dump(mode="json")
+    except ConfigError:
+        return []
+    return config_differences(shipped, manifest["config"])
 
 
-def _samples(paths: list[Path], wanted: set[str]) -> dict[str, dict[str, Any]]:
-    """Raw members of the wanted keys from WebDataset shards (never decoded beyond what is shown)."""
-    found: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        if path.suffix != ".tar" or not path.exists() or wanted <= set(found):
-            continue
-        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-            if sample["__key__"] in wanted:
-                found[sample["__key__"]] = sample
+def _stage_charts(manifest: dict[str, Any]) -> list[str]:
+    stages = manifest["stages"]
+    names = list(stages)
+    return [
+        plots.bars(names, [stages[n]["yield"] for n in names], "yield per stage (samples out / in)"),
+        plots.bars(names, [stages[n]["samples_per_s"] for n in names], "throughput per stage", " /s"),
+    ]
+
+
+def _fits(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each global stage fitted: facts, and for the GMM the BIC curve and the cluster sizes."""
+    found = {}
+    for name, artifact in manifest.get("artifacts", {}).items():
+        summary = artifact.get("summary", {})
+        facts = [
+            (k, f"{v:.4g}" if isinstance(v, float) else v)
+            for k, v in summary.items()
+            if isinstance(v, int | float | str) and k != "seed"
+        ]
+        charts = []
+        if "bic" in summary and "m_range" in summary:
+            low = summary["m_range"][0]
+            ms = list(range(low, low + len(summary["bic"])))
+            charts.append(
+                plots.line(ms, summary["bic"], "BIC by number of clusters M", summary.get("m_star"))
+            )
+        if "weights" in summary and "fit_rows" in summary:
+            sizes = [w * summary["fit_rows"] for w in summary["weights"]]
+            charts.append(
+                plots.bars([f"cluster {i}" for i in range(len(sizes))], sizes, "cluster sizes (fit rows)")
+            )
+        found[name] = {"facts": facts, "charts": charts}
     return found
 
 
-def _contributors(lineage: dict[str, Any], top: int) -> list[tuple[str, float]]:
-    """The strongest contributors of a mixed sample (CMDA, mixup), from whichever stage recorded them."""
-    for record in lineage.values():
-        if isinstance(record, dict) and "contributors" in record and "weights" in record:
-            pairs = sorted(
-                zip(record["contributors"], record["weights"], strict=True), key=lambda p: -abs(p[1])
-            )
-            return pairs[:top]
-    return []
+def _score_charts(pool: list[Candidate]) -> list[str]:
+    names = sorted({k for c in pool for k in c.row if k.startswith("score_")})
+    return [plots.histogram([c.row.get(n) for c in pool], f"{n} (sampled rows)") for n in names]
 
 
 def html_report(out_dir: Path, manifest: dict[str, Any], examples: int = 8, top: int = 3) -> str:
-    """A self-contained page: the summary, then generated samples beside their source and contributors."""
-    rows: list[dict[str, Any]] = []
-    for entry in manifest["outputs"]:
-        if entry["path"].endswith(".parquet") and len(rows) < examples:
-            rows += pq.read_table(out_dir / entry["path"]).slice(0, examples - len(rows)).to_pylist()
-    lineages = {row["key"]: json.loads(row["lineage"]) for row in rows}
-    generated = _samples([out_dir / e["path"] for e in manifest["outputs"]], {r["key"] for r in rows})
-    wanted = {r["parent_key"] for r in rows} | {
-        k for lin in lineages.values() for k, _ in _contributors(lin, top)
-    }
-    sources = _samples([Path(i["path"]) for i in manifest["inputs"]], wanted)
-    cells = []
-    for row in rows:
-        parent = sources.get(row["parent_key"], {})
-        parts = [
-            f"<td><b>{html.escape(row['parent_key'])}</b><br>{_media_of(parent) if parent else ''}</td>",
-            f"<td><b>{html.escape(row['key'])}</b> [{html.escape(str(row['label']))}]<br>"
-            f"{_media_of(generated.get(row['key'], {}))}</td>",
-        ]
-        for key, weight in _contributors(lineages[row["key"]], top):
-            media = _media_of(sources[key]) if key in sources else ""
-            parts.append(f"<td>{html.escape(key)} (w={weight:.3f})<br>{media}</td>")
-        cells.append("<tr>" + "".join(parts) + "</tr>")
-    summary = html.escape(summary_text(out_dir, manifest, 0))
-    return (
-        "<!doctype html><meta charset='utf-8'><title>augpipe: "
-        + html.escape(manifest["recipe"])
-        + "</title><style>body{font-family:sans-serif}td{vertical-align:top;padding:6px}</style>"
-        + f"<h1>{html.escape(manifest['recipe'])}</h1><pre>{summary}</pre>"
-        + "<h2>Generated samples</h2><table><tr><th>source</th><th>generated</th>"
-        + f"<th colspan='{top}'>strongest contributors</th></tr>{''.join(cells)}</table>"
-        + evaluation_section(out_dir)
+    """A self-contained page (Jinja2 template, inline SVG, thumbnails as data URIs): the run, its stages
+    and fits, informative examples beside their sources and contributors, failures, and the evaluation."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("augpipe.pipeline", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
+    manifest = {"labels": {"names": [], "counts": {}}, **manifest}
+    shown, warnings = report_samples.examples(out_dir, manifest, examples, top)
+    pool = report_samples.candidates(out_dir, manifest)
+    duplicates = manifest["stages"].get("drop_duplicates", {}).get("counts", {})
+    return environment.get_template("report.html.j2").render(
+        m=manifest,
+        shards=sum(1 for o in manifest["outputs"] if o["path"].endswith(".tar")),
+        duplicates=", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(duplicates.items())) or "none",
+        wall=_wall(manifest),
+        overrides=_overrides(manifest),
+        charts=[*_stage_charts(manifest), *_score_charts(pool)],
+        fits=_fits(manifest),
+        examples=shown,
+        warnings=warnings,
+        evaluation=evaluation_section(out_dir),
     )
