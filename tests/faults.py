@@ -21,13 +21,24 @@ DELAY = float(os.environ.get("AUGPIPE_FAULT_DELAY", "0"))  # seconds every call 
 HOLD = set(filter(None, os.environ.get("AUGPIPE_FAULT_HOLD", "").split(",")))  # shards that never pass
 
 
+def _hold_forever():
+    # Block until the test kills the run, in ray.get on a task that never ends: Ray hands a task blocked
+    # there its CPU back, so a held call does not starve the calls of the shards that go on.
+    import time
+
+    import ray
+
+    forever = ray.remote(num_cpus=0)(lambda: time.sleep(10**6))
+    ray.get(forever.remote())
+
+
 def _die_for(shard_id):
     import time
 
     if DELAY:
         time.sleep(DELAY)
-    while shard_id in HOLD:  # until the test kills the run
-        time.sleep(1)
+    if shard_id in HOLD:
+        _hold_forever()
     if shard_id != SHARD:
         return
     if MARKER:

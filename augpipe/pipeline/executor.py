@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import signal
 import threading
@@ -123,6 +124,12 @@ def _largest_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
 
 
+def _floor(cpus: float) -> float:
+    """Round a CPU share down to Ray's resolution: rounded up, the actors' shares add up to more than
+    the room left, and the read and commit tasks beside them run one at a time instead of two."""
+    return math.floor(cpus * 1000) / 1000
+
+
 def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
     """Each stage's resources, scaled so every actor fits the cluster beside the read and commit tasks.
 
@@ -164,7 +171,7 @@ def fit_resources(stages: list[Stage]) -> dict[str, Resources]:
     )
     return {
         s.name: Resources(
-            cpus=round(min(wanted[s.name].cpus * cpu_scale, node_cpus), 3),
+            cpus=_floor(min(wanted[s.name].cpus * cpu_scale, node_cpus)),
             gpus=gpu[s.name],
             memory_gb=wanted[s.name].memory_gb * memory_scale,
         )
