@@ -34,6 +34,41 @@ def test_listings_name_recipes_stages_and_backends():
     assert "faster_whisper" in transcribe and "pocketsphinx" in transcribe and "tiny" in transcribe
 
 
+def test_json_listings_describe_every_recipe_and_stage_option():
+    from augpipe.pipeline.config import load_recipe
+
+    code, output = invoke("recipes", "--json")
+    recipes = {r["name"]: r for r in json.loads(output)}
+    assert code == 0 and {"back-speech", "cmda", "passthrough"} <= set(recipes)
+    for name, described in recipes.items():
+        resolved = load_recipe(described["file"], profile=None)
+        assert [s.name for s in resolved.stages] == [s["name"] for s in described["stages"]], name
+        assert described["input"] == resolved.input and described["tag"] == resolved.tag
+    code, output = invoke("stages", "--json")
+    stages = {s["name"]: s for s in json.loads(output)}
+    assert code == 0 and "drop_duplicates" in stages
+    assert {"faster_whisper", "pocketsphinx", "tiny"} <= set(stages["transcribe"]["backends"])
+    assert stages["select"]["options"]["concurrency"]["default"] == 1
+    assert stages["cluster"]["needs_fit"] and stages["cluster"]["summary"].startswith("cluster")
+
+
+@pytest.mark.parametrize(
+    ("pair", "hint"),
+    [
+        ("sed=3", "'seed'"),
+        ("limits.max_text_byte=3", "'max_text_bytes'"),
+        ("transcrib.variants=2", "'transcribe'"),
+        ("transcribe.temprature=0.5", "'temperature'"),
+    ],
+    ids=["top-level key", "limit", "stage name", "stage option"],
+)
+def test_a_misspelt_set_key_gets_a_did_you_mean(pair, hint, demo_text, tmp_path):
+    out = tmp_path / "o"
+    command = ("run", "back-speech", "--input", str(demo_text), "--output", str(out), "--set", pair)
+    code, output = invoke(*command)
+    assert code == 2 and f"did you mean {hint}" in output and not out.exists()
+
+
 def test_missing_model_fails_fast_with_exit_4(demo_text, tmp_path):
     code, output = invoke(
         "run",
@@ -61,7 +96,7 @@ def test_config_errors_exit_2_and_name_the_key(demo_text, tmp_path):
         "--set",
         "transcribe.temprature=0.5",
     )
-    assert code == 2 and "transcribe" in output and "temprature" in output and "'temperature'" in output
+    assert code == 2 and "transcribe" in output and "temprature" in output
     code, output = invoke("run", "back-speach", "--input", str(demo_text), "--output", str(tmp_path / "o"))
     assert code == 2 and "did you mean 'back-speech'" in output
     code, output = invoke(

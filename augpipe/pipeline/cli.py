@@ -232,27 +232,35 @@ def _report(result: object, max_failure_rate: float, received: list[int]) -> Non
 
 
 @main.command()
-def recipes() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print each recipe's file, stages, input and output.")
+def recipes(as_json: bool) -> None:
     """List the recipes shipped in configs/recipes."""
-    import yaml
+    from augpipe.pipeline.config import describe_recipe
 
-    for name, path in available_recipes().items():
-        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        click.echo(f"{name:20s} {description}")
+    described = [describe_recipe(name, path) for name, path in available_recipes().items()]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for recipe in described:
+        click.echo(f"{recipe['name']:20s} {recipe['description']}")
 
 
 @main.command()
-def stages() -> None:
-    """List stages with their fields, backends and default resources."""
-    from augpipe.pipeline.registry import stage_class, stage_names
+@click.option("--json", "as_json", is_flag=True, help="Print each stage's options with their defaults.")
+def stages(as_json: bool) -> None:
+    """List stages with their backends and default resources (options with --json)."""
+    from augpipe.pipeline.registry import describe_stage, stage_names
 
-    for name in stage_names():
-        cls = stage_class(name)
-        backends = ", ".join(sorted(cls.backends)) or "-"
-        r = cls.resources
+    described = [describe_stage(name) for name in stage_names()]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for stage in described:
+        r = stage["resources"]
         click.echo(
-            f"{name:20s} backends: {backends}; default: {cls.default_backend or '-'}; "
-            f"cpus {r.cpus}, gpus {r.gpus}, batch {cls.batch_size}"
+            f"{stage['name']:20s} backends: {', '.join(stage['backends']) or '-'}; "
+            f"default: {stage['default_backend'] or '-'}; "
+            f"cpus {r['cpus']}, gpus {r['gpus']}, batch {stage['batch_size']}"
         )
 
 

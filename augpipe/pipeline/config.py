@@ -106,17 +106,30 @@ def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted((configs_dir() / "recipes").glob("*.yaml"))}
 
 
+def describe_recipe(name: str, path: Path) -> dict[str, Any]:
+    """What ``augpipe recipes --json`` prints for one recipe, read from its file as shipped."""
+    raw = _load_yaml(path)
+    stages = _normalise_stages(raw.get("stages", []), str(path))
+    return {
+        "name": name,
+        "file": str(path),
+        "description": raw.get("description", ""),
+        "tag": raw.get("tag"),
+        "input": raw.get("input", []),
+        "output": raw.get("output", {}),
+        "stages": [{"name": s["name"], "stage": s["stage"]} for s in stages],
+    }
+
+
 def _recipe_file(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.is_file():
         return path
     recipes = available_recipes()
     if name_or_path not in recipes:
-        hint = difflib.get_close_matches(name_or_path, recipes, n=1)
         raise ConfigError(
-            f"unknown recipe {name_or_path!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-            + f" Known recipes: {', '.join(recipes)} (or pass a path to a recipe YAML)"
+            f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, list(recipes))}. "
+            f"Known recipes: {', '.join(recipes)} (or pass a path to a recipe YAML)"
         )
     return recipes[name_or_path]
 
@@ -215,8 +228,8 @@ def load_recipe(
         if unknown:
             names = [entry["name"] for entry in raw["stages"]]
             raise ConfigError(
-                f"--set names stage {unknown[0]!r}, which recipe {raw.get('name')!r} does not have; "
-                f"its stages are {names}"
+                f"--set names stage {unknown[0]!r}, which recipe {raw.get('name')!r} does not have"
+                f"{did_you_mean(unknown[0], [*names, *Recipe.model_fields])}; its stages are {names}"
             )
         _apply_overlay(raw, overlay, "--set")
     if seed is not None:
@@ -224,7 +237,14 @@ def load_recipe(
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, f"recipe {path.name}")) from exc
+        known = [*Recipe.model_fields, *Limits.model_fields]
+        raise ConfigError(describe_validation_error(exc, f"recipe {path.name}", known)) from exc
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or nothing when none is close."""
+    hint = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
 def describe_validation_error(exc: ValidationError, where: str, known: list[str] | None = None) -> str:
@@ -234,8 +254,6 @@ def describe_validation_error(exc: ValidationError, where: str, known: list[str]
         key = ".".join(str(part) for part in err["loc"])
         line = f"{where}: {key}: {err['msg']}"
         if err["type"] == "extra_forbidden" and known:
-            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            if hint:
-                line += f" (did you mean {hint[0]!r}?)"
+            line += did_you_mean(str(err["loc"][-1]), known)
         lines.append(line)
     return "\n".join(lines)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 
 import augpipe.stages
-from augpipe.pipeline.config import ConfigError, StageEntry, describe_validation_error
+from augpipe.pipeline.config import ConfigError, StageEntry, describe_validation_error, did_you_mean
 from augpipe.pipeline.stage import Stage, StageContext
 
 
@@ -19,7 +22,9 @@ def stage_class(name: str) -> type[Stage]:
     except ModuleNotFoundError as exc:
         if exc.name != f"augpipe.stages.{name}":
             raise
-        raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(stage_names())}") from exc
+        known = stage_names()
+        hint = did_you_mean(name, known)
+        raise ConfigError(f"unknown stage {name!r}{hint}; known stages: {', '.join(known)}") from exc
     for value in vars(module).values():
         if isinstance(value, type) and issubclass(value, Stage) and getattr(value, "name", None) == name:
             return value
@@ -29,6 +34,28 @@ def stage_class(name: str) -> type[Stage]:
 def stage_names() -> list[str]:
     """Every stage module shipped in ``augpipe.stages``."""
     return sorted(m.name for m in pkgutil.iter_modules(augpipe.stages.__path__) if not m.name.startswith("_"))
+
+
+def describe_stage(name: str) -> dict[str, Any]:
+    """What ``augpipe stages --json`` prints for one stage: enough for a tool to build a recipe from it."""
+    cls = stage_class(name)
+    doc = cls.__doc__ or importlib.import_module(cls.__module__).__doc__ or ""
+    options = {
+        field: {"default": to_jsonable_python(info.get_default(call_default_factory=True), fallback=str)}
+        | ({"description": info.description} if info.description else {})
+        for field, info in cls.Settings.model_fields.items()
+    }
+    return {
+        "name": name,
+        "summary": doc.strip().split("\n")[0],
+        "backends": sorted(cls.backends),
+        "default_backend": cls.default_backend,
+        "resources": dataclasses.asdict(cls.resources),
+        "batch_size": cls.batch_size,
+        "needs_fit": cls.needs_fit,
+        "cacheable": cls.cacheable,
+        "options": options,
+    }
 
 
 def build_stage(entry: StageEntry, context: StageContext) -> Stage:
