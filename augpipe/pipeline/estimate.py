@@ -9,7 +9,8 @@ on ``sample`` input shards chosen with a seed, and every figure is scaled from t
 - per stage (and the read step, which decodes every input): worker-seconds per input sample, times the
   corpus's samples, divided by the number of workers the cluster holds at once (its GPUs / the stage's GPU
   share, or CPUs / the stage's CPU share). Shards pass the stages in turn, so the sum of the stages' walls
-  is the projected wall time: an upper bound, because Ray overlaps stages across shards;
+  is the projected wall time (less on many shards, because Ray overlaps stages across shards), plus the
+  sample's startup (Ray, model loading), which a run pays once;
 - fits of global stages: measured once; they see at most ``fit_max_rows`` rows, so they scale with the
   corpus only up to that cap;
 - output bytes per input sample, times the corpus's samples.
@@ -81,12 +82,13 @@ class Estimate:
     sample_wall_s: float
     stages: list[StageCost] = field(default_factory=list)
     fit_s: float = 0.0
+    startup_s: float = 0.0
     output_bytes: float = 0.0
     output_samples: float = 0.0
 
     @property
     def wall_s(self) -> float:
-        return self.fit_s + sum(s.projected_wall_s for s in self.stages)
+        return self.startup_s + self.fit_s + sum(s.projected_wall_s for s in self.stages)
 
     @property
     def gpu_hours(self) -> float:
@@ -117,6 +119,7 @@ class Estimate:
                 for s in self.stages
             ],
             "fit_s": self.fit_s,
+            "startup_s": self.startup_s,
             "wall_s": self.wall_s,
             "gpu_hours": self.gpu_hours,
             "output_bytes": self.output_bytes,
@@ -209,11 +212,16 @@ def estimate(
         (READ_STAGE, None, Resources()),
         *((e.name, s, s.effective_resources()) for e, s in zip(recipe.stages, plan.stages, strict=True)),
     ]
+    measured_cpus, measured_gpus = float(where.get("cpus") or 1), float(where.get("gpus") or 0)
+    busy = 0.0  # the sample's seconds in stages, on the cluster it ran on
     for name, stage, wanted in steps:
         totals = manifest["stages"].get(name)
         if totals is None:
             continue
         per_sample = totals["wall_s"] / measured
+        on_gpu = wanted.gpus if measured_gpus else 0.0
+        workers = _stage_slots(measured_cpus, measured_gpus, wanted.cpus, on_gpu)
+        busy += totals["wall_s"] / max(min(workers, len(chosen)), 1.0)  # a shard is one worker's at a time
         result_estimate.stages.append(
             StageCost(
                 name=name,
@@ -230,6 +238,10 @@ def estimate(
             cap = stage.settings.fit_max_rows if isinstance(stage.settings, GlobalStageSettings) else None
             rows = min(corpus, cap) if cap else corpus
             result_estimate.fit_s += fit * rows / min(measured, cap or measured)
+    # What the sample's wall time holds beyond its stages and fits (starting Ray, loading every model):
+    # paid once per run, whatever the corpus's size.
+    fits = sum(v for k, v in (run.get("phases") or {}).items() if k.startswith("fit:"))
+    result_estimate.startup_s = max(wall - busy - fits, 0.0)
     return result_estimate
 
 
@@ -269,8 +281,9 @@ def render(result: Estimate) -> str:
         )
     lines += [
         "",
+        f"startup     {_duration(result.startup_s)} (Ray and model loading, as measured; once per run)",
         f"fits        {_duration(result.fit_s)} (global stages; capped by fit_max_rows)",
-        f"wall time   {_duration(result.wall_s)} (stages one after another: an upper bound)",
+        f"wall time   {_duration(result.wall_s)} (stages one after another; Ray overlaps them across shards)",
         f"GPU-hours   {result.gpu_hours:.2f}",
         f"output      {_size(result.output_bytes)}, {result.output_samples:,.0f} samples",
     ]
