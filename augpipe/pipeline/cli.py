@@ -77,6 +77,21 @@ def _signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """The documented exit code and a one-line message for each error a user can cause."""
+    from augpipe.pipeline.storage import StorageError
+
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except ModelNotFoundError as exc:
+        _fail(str(exc), EXIT_MODEL)
+    except StorageError as exc:
+        _fail(f"storage: {exc}", EXIT_STORAGE)
+
+
 @click.group(
     epilog="Exit codes: 0 ok, 1 internal error, 2 usage/config, 3 too many failures, "
     "4 missing model, 5 invalid corpus, 6 storage error, 130/143 interrupted (SIGINT/SIGTERM)."
@@ -167,7 +182,6 @@ def run(
 ) -> None:
     """Run RECIPE (a name from 'augpipe recipes' or a YAML path) over --input into --output."""
     from augpipe.pipeline.run import RunOptions, run_recipe
-    from augpipe.pipeline.storage import StorageError
 
     _setup_logging(quiet)
     stop = threading.Event()
@@ -182,18 +196,9 @@ def run(
         executor=executor,
         stop=stop,
     )
-    with _signals(stop) as received:
-        try:
-            resolved = load_recipe(
-                recipe, profile=profile, config_file=config_file, sets=list(sets), seed=seed
-            )
-            result = run_recipe(resolved, input_path, out_dir, options)
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except ModelNotFoundError as exc:
-            _fail(str(exc), EXIT_MODEL)
-        except StorageError as exc:
-            _fail(f"storage: {exc}", EXIT_STORAGE)
+    with _signals(stop) as received, _exit_codes():
+        resolved = load_recipe(recipe, profile=profile, config_file=config_file, sets=list(sets), seed=seed)
+        result = run_recipe(resolved, input_path, out_dir, options)
     _report(result, max_failure_rate, received)
 
 
@@ -376,18 +381,11 @@ def estimate(
     """Project wall time, GPU-hours and output size of RECIPE over --input from a run on a sample."""
     from augpipe.pipeline.estimate import estimate as project
     from augpipe.pipeline.estimate import render
-    from augpipe.pipeline.storage import StorageError
 
     _setup_logging(quiet=True)
-    try:
+    with _exit_codes():
         resolved = load_recipe(recipe, profile=profile, sets=list(sets))
         result = project(resolved, input_path, sample, sample_seed, address, cpus, gpus)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except ModelNotFoundError as exc:
-        _fail(str(exc), EXIT_MODEL)
-    except StorageError as exc:
-        _fail(f"storage: {exc}", EXIT_STORAGE)
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else render(result))
 
 
