@@ -193,3 +193,17 @@ def test_validate_accepts_a_recipe_and_rejects_a_broken_one(tmp_path):
     broken.write_text("name: x\ntag: x\ninput: [text]\noutput: {text: text}\nstages: []\nmultiple: 0\n")
     code, output = invoke("validate", str(broken))
     assert code == 5 and "multiple" in output
+
+
+def test_user_errors_from_libraries_are_one_line_with_their_exit_code(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(bytes(range(256)) * 40)  # not UTF-8, not a tar, not a corpus
+    code, output = invoke("validate", str(junk))
+    assert code == 5 and "not a corpus folder" in output and "Traceback" not in output
+    assert len(set(output.strip().splitlines())) == 1  # (invoke shows stderr twice)
+    broken = tmp_path / "broken.csv"
+    broken.write_text('key,text,label\nr1,"unterminated quote,positive\nr2,second,negative,extra,fields\n')
+    for command in (("ingest", str(broken), "--output", str(tmp_path / "s")),):
+        code, output = invoke(*command)
+        assert code == 2 and "not a readable CSV file" in output
+        assert len(set(output.strip().splitlines())) == 1, output

@@ -156,14 +156,17 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_stops_cleanly_with_exit_6(tmpfs, tmp_path):
-    inp = text_corpus(tmp_path / "in", shards=8, per_shard=20)
+@pytest.mark.parametrize("shards,per_shard", [(8, 20), (12, 12)])
+def test_a_full_disk_stops_cleanly_with_exit_6(tmpfs, tmp_path, shards, per_shard):
+    inp = text_corpus(tmp_path / "in", shards=shards, per_shard=per_shard)
     out = tmpfs / "out"
     code, output = run(inp, out)
     assert code == 6, output
     assert "No space left on device" in output and "Traceback" not in output
     for tar in out.glob("*.tar"):
         assert (out / layout.stats_file(tar.stem)).exists(), f"{tar.name} was left without its stats record"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+    assert validate_corpus(out) == [], "the folder holds only what the manifest lists"
 
 
 def test_a_tiny_disk_is_refused_before_any_work(tmpfs, tmp_path):

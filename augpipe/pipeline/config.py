@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,24 @@ class Recipe(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: object) -> str:
+    """One line of plain text: no terminal colour codes, no newlines (messages in the manifest and in
+    ``augpipe: error:`` lines, which quote libraries whose messages span lines)."""
+    return " ".join(ANSI.sub("", str(text)).split())
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {plain(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

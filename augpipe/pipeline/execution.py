@@ -15,7 +15,6 @@ purposes, resuming a shard a killed run left half done and re-running with a cha
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -25,18 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from augpipe.pipeline import layout
+from augpipe.pipeline.config import plain
 from augpipe.pipeline.index import IndexSummary
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.storage import Store
 
 log = logging.getLogger("augpipe")
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def plain(text: str) -> str:
-    """One line of plain text: no terminal colour codes, no newlines (messages stored in the manifest)."""
-    return " ".join(ANSI.sub("", text).split())
 
 
 class RunAborted(RuntimeError):

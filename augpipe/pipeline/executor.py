@@ -43,7 +43,8 @@ from ray.exceptions import (
 )
 
 from augpipe.pipeline import execution
-from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work, log, plain
+from augpipe.pipeline.config import plain
+from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work, log
 from augpipe.pipeline.index import IndexSummary, UnitIndex, by_file, find_duplicates, index_file
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.stage import Resources, Stage

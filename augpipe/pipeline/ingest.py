@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from augpipe.pipeline.config import ConfigError
+from augpipe.pipeline.config import ConfigError, plain
 from augpipe.pipeline.storage import Store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -111,7 +111,7 @@ def ingest(source: Path, out_dir: Path, shard_size: int = 1000) -> list[Path]:
             table = pacsv.read_csv(source) if source.suffix == ".csv" else pq.read_table(source)
         except (pa.ArrowException, OSError) as exc:
             kind = "CSV" if source.suffix == ".csv" else "Parquet"
-            raise ConfigError(f"{source} is not a readable {kind} file: {exc}") from exc
+            raise ConfigError(f"{source} is not a readable {kind} file: {plain(exc)}") from exc
         return write_shards(table_samples(table), out_dir, shard_size)
     if source.is_dir() and any(source.glob("*.tar")):
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from augpipe.pipeline.config import ConfigError
+from augpipe.pipeline.config import ConfigError, plain
 from augpipe.pipeline.storage import FileStat, Store, is_remote
 
 TABULAR_SUFFIXES = (".parquet", ".csv")
@@ -94,7 +94,8 @@ def _table_rows(source: Store, entry: FileStat) -> int:
             return sum(batch.num_rows for batch in pacsv.open_csv(fh))
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         kind = "Parquet" if entry.rel.endswith(".parquet") else "CSV"
-        raise ConfigError(f"input {source.display(entry.rel)} is not a readable {kind} file: {exc}") from exc
+        where = source.display(entry.rel)
+        raise ConfigError(f"input {where} is not a readable {kind} file: {plain(exc)}") from exc
 
 
 def _locate(location: str) -> tuple[Store, list[FileStat]]:

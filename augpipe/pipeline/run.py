@@ -267,7 +267,25 @@ def _run_locked(
             from augpipe.pipeline.executor import shutdown
 
             shutdown()
+        _sweep_unfinished(store, run_id)
     return _finish(prepared, store, run_id, started, state, options)
+
+
+def _sweep_unfinished(store: Store, run_id: str) -> None:
+    """Leave only what the manifest lists: a run stopped mid-commit (a full disk, a signal) can leave a
+    shard's tar without its sidecar or stats record, which a trainer globbing the folder would read."""
+    try:
+        store.remove_partials("", recursive=False)
+        unfinished = corpus.set_aside(store, corpus.strays(store), run_id, "unfinished")
+    except OSError as exc:
+        log.warning("could not tidy the output after the run: %s", exc.strerror or exc)
+        return
+    if unfinished:
+        log.warning(
+            "set aside %d data files of shards that did not finish (%s)",
+            len(unfinished),
+            ", ".join(unfinished),
+        )
 
 
 def run_recipe(

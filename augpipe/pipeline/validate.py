@@ -132,6 +132,8 @@ def validate_path(location: str | Path) -> list[str]:
     if path.name == "manifest.json":
         parent = path.parent.parent if path.parent.name == layout.AUGPIPE_DIR else path.parent
         return validate_corpus(parent)
+    if path.suffix not in {".yaml", ".yml"}:
+        return [f"{path}: not a corpus folder, a manifest.json or a recipe YAML (.yaml)"]
     try:
         load_recipe(str(path), profile=None)
     except ConfigError as exc:
