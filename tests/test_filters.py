@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from augpipe.methods import image_checks
+from augpipe.methods.text_distance import prepare
 from augpipe.pipeline.rows import Failure
 from augpipe.pipeline.stage import StageContext
 from augpipe.stages.filter_images import FilterImages
@@ -166,3 +167,23 @@ def test_image_scores_known_values():
         image_checks.verdict(arr, 10.0, 127.5) is None
         and image_checks.verdict(arr, 10.0, 127.6) == "grayscale"
     )
+
+
+def test_filter_paraphrase_goes_on_after_a_failed_row():
+    stage = make(FilterParaphrase)
+    rows = paraphrase_rows("anything", text="") + paraphrase_rows("abcdefghiX")
+    out = stage.process_batch(rows)
+    assert isinstance(out[0], Failure) and out[1]["transcript"] == "abcdefghiX"
+
+
+def test_prepare_normalises_unless_told_not_to():
+    assert prepare("The Cat.", "the cat") == ("the cat", "the cat")
+    assert prepare("The Cat.", "the cat", normalize=False) == ("The Cat.", "the cat")
+
+
+def test_filter_images_scores_are_rounded_to_four_places():
+    pixels = np.array([[[200, 10, 10], [10, 10, 10], [10, 10, 10]]], dtype=np.uint8)
+    (row,) = make(FilterImages, gray_threshold=1.0).process_batch([image_row("mixed", pixels)])
+    info = row["lineage"]["filter_images"]
+    assert info["score_channel_spread"] == 63.3333  # 190 / 3
+    assert info["score_mean_intensity"] == 31.1111  # 280 / 9

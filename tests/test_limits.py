@@ -210,3 +210,22 @@ def test_non_regular_members_are_counted_and_quarantined_by_a_run(tmp_path):
                     record = json.loads(tar.extractfile(member).read())
                     quarantined.append((record["key"], record["cause"]))
     assert sorted(quarantined) == [(f"bad{i}", "non_regular_member") for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("name", "cause"), [("s0.png", "undecodable_image"), ("s0.wav", "undecodable_audio")]
+)
+def test_undecodable_media_fail_with_a_stable_message(name, cause, tmp_path):
+    folder = shard(tmp_path / "in", [(name, b"\x89PNG\r\n\x1a\n not really media")])
+    (failure,) = read(folder, Limits()).failures
+    assert failure.cause == cause and failure.message.startswith(f"{name} could not be decoded: ")
+    assert " at 0x" not in failure.message  # no object addresses: the quarantine is the same every run
+
+
+def test_audio_is_read_as_float32_mono(tmp_path):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.full((800, 2), 0.25, dtype=np.float32), 8000, format="WAV", subtype="PCM_16")
+    folder = shard(tmp_path / "in", [("s0.wav", buffer.getvalue())])
+    (row,) = read(folder, Limits()).rows
+    assert row["audio"].dtype == np.float32 and row["audio"].shape == (800,)
+    np.testing.assert_allclose(row["audio"], 0.25, atol=1e-4)

@@ -264,3 +264,11 @@ def test_each_bad_kind_names_its_cause(kind, tmp_path):
         "unsafe": "unsafe_key",
     }
     assert failure.cause == expected[kind]
+
+
+def test_select_declares_its_dedupe_field_and_fingerprints_k_and_tag():
+    assert select(2).inputs() == frozenset({"transcript"})
+    assert select(2, dedupe=None).inputs() == frozenset()
+    other_tag = Select(Select.settings_from({}), StageContext(recipe="test", multiple=2, tag="xx"))
+    prints = {select(2).fingerprint(), select(3).fingerprint(), other_tag.fingerprint()}
+    assert len(prints) == 3 and select(2).fingerprint() == select(2).fingerprint()
