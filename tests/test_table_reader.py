@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from augpipe.pipeline.config import Limits
 from augpipe.pipeline.inputs import discover_inputs
 from augpipe.pipeline.reader import read_unit
+from tests.corpora import write_text_shard
 
 
 def write_table(path, n: int, row_group_size: int) -> None:
@@ -61,3 +62,29 @@ def test_parquet_text_limit_names_the_row(tmp_path):
     (failure,) = result.failures
     assert failure.cause == "text_too_large" and failure.key == "b"
     assert failure.message == "t.parquet[0:2] row b has 31 bytes; the limit is 30"
+
+
+def test_a_tar_sidecar_adds_typed_columns_to_its_samples(tmp_path):
+
+    write_text_shard(
+        tmp_path / "shard-00000.tar", [("a", "One.", "x"), ("b", "Two.", "y"), ("c", "Three.", "z")]
+    )
+    vectors = pa.array([[1.0, 2.0], None, [5.0, 6.0]], pa.list_(pa.float32(), 2))
+    sidecar = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "image_embedding": pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32(), 2)),
+            "maybe_embedding": vectors,
+            "note": ["n-a", "n-b", None],
+            "label": ["sidecar", "sidecar", "sidecar"],
+        }
+    )
+    pq.write_table(sidecar, tmp_path / "shard-00000.parquet")
+    (unit,) = discover_inputs(tmp_path, shard_size=10)
+    rows = {r["key"]: r for r in read_unit(unit, ["text"], Limits()).rows}
+    assert rows["b"]["image_embedding"].dtype == np.float32
+    np.testing.assert_array_equal(rows["b"]["image_embedding"], [3.0, 4.0])
+    np.testing.assert_array_equal(rows["c"]["maybe_embedding"], [5.0, 6.0])  # a column with a null
+    assert rows["c"]["maybe_embedding"].dtype == np.float32 and "maybe_embedding" not in rows["b"]
+    assert rows["a"]["note"] == "n-a" and "note" not in rows["c"]
+    assert rows["a"]["label"] == "x"  # the sample's own label wins over the sidecar's
