@@ -272,3 +272,8 @@ def test_select_declares_its_dedupe_field_and_fingerprints_k_and_tag():
     other_tag = Select(Select.settings_from({}), StageContext(recipe="test", multiple=2, tag="xx"))
     prints = {select(2).fingerprint(), select(3).fingerprint(), other_tag.fingerprint()}
     assert len(prints) == 3 and select(2).fingerprint() == select(2).fingerprint()
+
+
+def test_select_fingerprint_follows_its_settings():
+    assert select(2).fingerprint() != select(2, dedupe=None).fingerprint()
+    assert len(select(2).fingerprint()) == 16  # the width of every stage fingerprint (cache folder names)
