@@ -280,3 +280,13 @@ def test_pmixup_schedule_uses_its_temperature_and_bounds_the_iterations():
 def test_logsumexp_rows_shifts_each_row_by_its_own_maximum():
     logits = np.array([[0.0, 0.0], [-1000.0, -1000.0]])
     np.testing.assert_allclose(mixup._logsumexp_rows(logits), [np.log(2), -1000 + np.log(2)])
+
+
+def test_m2_loss_default_temperature_is_the_reference_0_07():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, 3))
+    text = rng.normal(size=(4, 3))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    assert mixup.m2_loss(image, text, 0.3) == mixup.m2_loss(image, text, 0.3, tau2=0.07)
+    assert mixup.m2_loss(image, text, 0.3) != mixup.m2_loss(image, text, 0.3, tau2=1.07)
