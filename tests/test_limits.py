@@ -219,8 +219,20 @@ def test_undecodable_media_fail_with_a_stable_message(name, cause, tmp_path):
     folder = shard(tmp_path / "in", [(name, b"\x89PNG\r\n\x1a\n not really media")])
     (failure,) = read(folder, Limits()).failures
     assert failure.cause == cause and failure.message.startswith(f"{name} could not be decoded: ")
-    assert "Error: " in failure.message  # the decoder's own reason, by exception type
     assert " at 0x" not in failure.message  # no object addresses: the quarantine is the same every run
+    assert "Error: " in failure.message  # the decoder's own reason, by exception type
+    if cause == "undecodable_image":
+        assert failure.message.endswith(
+            "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"
+        )
+
+
+def test_json_class_is_a_label_and_images_are_rgb(tmp_path):
+    gray = io.BytesIO()
+    Image.new("L", (3, 2), 90).save(gray, format="PNG")
+    folder = shard(tmp_path / "in", [("s0.png", gray.getvalue()), ("s0.json", b'{"class": "cat"}')])
+    (row,) = read(folder, Limits()).rows
+    assert row["label"] == "cat" and row["image"].mode == "RGB"
 
 
 def test_audio_is_read_as_float32_mono(tmp_path):

@@ -277,3 +277,16 @@ def test_select_declares_its_dedupe_field_and_fingerprints_k_and_tag():
 def test_select_fingerprint_follows_its_settings():
     assert select(2).fingerprint() != select(2, dedupe=None).fingerprint()
     assert len(select(2).fingerprint()) == 16  # the width of every stage fingerprint (cache folder names)
+
+
+def test_select_records_its_seed_and_candidate_and_dedupes_non_text_values():
+    from augpipe.pipeline.rows import derive_seed
+
+    out = select(2, seed=7).process_batch(pool("k", ["a", "b", "c"]))
+    for row in out:
+        info = row["lineage"]["select"]
+        assert info["sampling_seed"] == derive_seed(7, "k", "select")
+        assert info["candidate"] == f"v{row['variant'][0]}"
+    numbers = [{"key": "k", "variant": (i,), "lineage": {}, "label": v} for i, v in enumerate([3, 3, 4])]
+    picked = select(5, dedupe="label").process_batch(numbers)
+    assert sorted(r["label"] for r in picked) == [3, 4]

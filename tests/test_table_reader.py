@@ -88,3 +88,35 @@ def test_a_tar_sidecar_adds_typed_columns_to_its_samples(tmp_path):
     assert rows["c"]["maybe_embedding"].dtype == np.float32 and "maybe_embedding" not in rows["b"]
     assert rows["a"]["note"] == "n-a" and "note" not in rows["c"]
     assert rows["a"]["label"] == "x"  # the sample's own label wins over the sidecar's
+
+
+def test_units_that_cut_across_read_batches_read_every_row_once(tmp_path):
+    n = 2600  # the reader pulls 1,024-row batches; units of 1,000 rows start inside them
+    pq.write_table(pa.table({"key": [f"r{i}" for i in range(n)], "text": ["t"] * n}), tmp_path / "t.parquet")
+    units = discover_inputs(tmp_path / "t.parquet", shard_size=1000)
+    keys = [row["key"] for u in units for row in read_unit(u, ["text"], Limits()).rows]
+    assert keys == [f"r{i}" for i in range(n)]
+
+
+def test_a_unit_without_a_stop_reads_to_the_end(tmp_path):
+    from augpipe.pipeline.inputs import InputUnit
+    from augpipe.pipeline.storage import Store
+
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "text": ["x", "y", "z"]}), tmp_path / "t.parquet")
+    unit = InputUnit("t", Store(str(tmp_path)), "t.parquet", "parquet", start=1)
+    assert [r["key"] for r in read_unit(unit, ["text"], Limits()).rows] == ["b", "c"]
+
+
+def test_table_duplicates_name_the_unit_and_honour_the_drop_set(tmp_path):
+    from augpipe.pipeline.rows import key_digest
+
+    table = tmp_path / "t.csv"
+    table.write_text("key,text\na,One.\nb,Two.\na,Again.\n")
+    (unit,) = discover_inputs(table, shard_size=10)
+    result = read_unit(unit, ["text"], Limits(), drop={key_digest("b"): "earlier.tar"})
+    assert [r["key"] for r in result.rows] == ["a"]
+    messages = {f.key: f.message for f in result.failures}
+    assert messages == {
+        "b": "key b is also in earlier.tar, which comes first (kept)",
+        "a": f"key a repeats an earlier sample of {unit.label} (kept)",
+    }
