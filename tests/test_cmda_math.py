@@ -381,3 +381,10 @@ def test_responsibilities_with_unequal_covariances_match_the_densities_and_survi
     np.testing.assert_allclose(far, [[0.0, 1.0]], atol=1e-12)  # densities underflow; the ratio does not
     with pytest.raises(ValueError):
         cmda.gmm_responsibilities(f, weights[:1], means, covariances)  # mismatched components
+
+
+def test_responsibilities_normalise_each_row_by_its_own_scale() -> None:
+    means = np.array([[0.0], [1.0]])
+    covariances = np.array([[[1.0]], [[1.0]]])
+    gamma = cmda.gmm_responsibilities(np.array([[0.5], [60.0]]), np.array([0.5, 0.5]), means, covariances)
+    np.testing.assert_allclose(gamma, [[0.5, 0.5], [np.exp(-59.5), 1.0]], rtol=1e-9, atol=1e-30)

@@ -242,3 +242,18 @@ def test_audio_is_read_as_float32_mono(tmp_path):
     (row,) = read(folder, Limits()).rows
     assert row["audio"].dtype == np.float32 and row["audio"].shape == (800,)
     np.testing.assert_allclose(row["audio"], 0.25, atol=1e-4)
+
+
+def test_a_latin1_text_names_the_bad_byte(tmp_path):
+    folder = shard(tmp_path / "in", [("s0.txt", "caf\u00e9".encode("latin-1"))])
+    (failure,) = read(folder, Limits()).failures
+    assert failure.message == "s0.txt is not valid UTF-8 (unexpected end of data at byte 3)"
+
+
+def test_skip_media_leaves_images_and_audio_unread(tmp_path):
+    folder = shard(tmp_path / "in", [("s0.png", png(2, 2)), ("s0.wav", wav(10)), ("s0.txt", b"Kept.")])
+    (unit,) = discover_inputs(folder, shard_size=100)
+    (row,) = read_unit(unit, ["text", "image", "audio"], Limits(), skip_media={"image", "audio"}).rows
+    assert row["text"] == "Kept." and "image" not in row and "audio" not in row
+    (row,) = read_unit(unit, ["text", "image"], Limits(), skip_media={"audio"}).rows
+    assert row["image"].size == (2, 2) and "audio" not in row

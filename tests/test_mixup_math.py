@@ -290,3 +290,10 @@ def test_m2_loss_default_temperature_is_the_reference_0_07():
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     assert mixup.m2_loss(image, text, 0.3) == mixup.m2_loss(image, text, 0.3, tau2=0.07)
     assert mixup.m2_loss(image, text, 0.3) != mixup.m2_loss(image, text, 0.3, tau2=1.07)
+
+
+def test_recursive_mix_pastes_a_box_one_pixel_wide():
+    x, old = np.zeros((1, 1, 4, 4)), np.ones((1, 1, 4, 4))
+    box = mixup.RecursiveMixBox(top=0, left=2, bottom=4, right=3, lam=0.75)
+    mixed, _ = mixup.recursive_mix(x, np.eye(2)[:1], old, np.eye(2)[1:], box)
+    assert mixed.sum() == 4 and mixed[0, 0, :, 2].min() == 1

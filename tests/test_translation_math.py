@@ -172,3 +172,9 @@ def test_scaler_standardises_per_column_and_never_divides_by_zero():
     mean, std = _scaler(one)  # a single row has no spread: unit scale, not NaN
     torch.testing.assert_close(mean, one[0])
     torch.testing.assert_close(std, torch.ones(2))
+
+
+def test_scaler_of_two_rows_uses_their_spread():
+    from augpipe.methods.translation import _scaler
+
+    torch.testing.assert_close(_scaler(torch.tensor([[0.0], [2.0]]))[1], torch.tensor([2.0**0.5]))
