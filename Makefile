@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 WHISPER := openai-whisper==20250625
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutate clean
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
+
+# Mutation testing of the maths, filters and shard I/O ([tool.mutmut] in pyproject.toml): slow (tens of
+# minutes on 2 cores), so not part of `make test`. `$(VENV)/bin/mutmut results` lists the survivors and
+# `$(VENV)/bin/mutmut show NAME` shows one; triaged equivalent mutants are listed in tests/MUTANTS.md.
+mutate: $(VENV)/.dev
+	$(PIP) -e ".[speech-extra,whisper,image,dev,mutate]"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $${MUTATE_JOBS:-2}
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	$(VENV)/bin/mutmut results
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/back_speech.py

@@ -363,3 +363,28 @@ def test_driver_rejects_inconsistent_options() -> None:
         next(cmda.iter_offline_batches(10, **{**corpus, "cluster_labels": None}, pool="cluster"))
     with pytest.raises(ValueError):
         next(cmda.iter_offline_batches(10, **corpus, class_labels=np.zeros(10, dtype=int)))
+
+
+def test_responsibilities_with_unequal_covariances_match_the_densities_and_survive_far_points() -> None:
+    from scipy.stats import multivariate_normal
+
+    means = np.array([[0.0, 0.0], [3.0, 1.0]])
+    covariances = np.array([[[1.0, 0.3], [0.3, 0.5]], [[4.0, -1.0], [-1.0, 2.0]]])
+    weights = np.array([0.3, 0.7])
+    f = np.array([[0.1, 0.2], [2.5, 1.5], [-1.0, 3.0]], dtype=np.float32)
+    parts = zip(weights, means, covariances, strict=True)
+    dens = np.stack([w * multivariate_normal(m, c).pdf(f) for w, m, c in parts], axis=1)
+    gamma = cmda.gmm_responsibilities(f, weights, means, covariances)
+    assert gamma.dtype == np.float64
+    np.testing.assert_allclose(gamma, dens / dens.sum(axis=1, keepdims=True), rtol=1e-12)
+    far = cmda.gmm_responsibilities(np.array([[300.0, 0.0]]), weights, means, covariances)
+    np.testing.assert_allclose(far, [[0.0, 1.0]], atol=1e-12)  # densities underflow; the ratio does not
+    with pytest.raises(ValueError):
+        cmda.gmm_responsibilities(f, weights[:1], means, covariances)  # mismatched components
+
+
+def test_responsibilities_normalise_each_row_by_its_own_scale() -> None:
+    means = np.array([[0.0], [1.0]])
+    covariances = np.array([[[1.0]], [[1.0]]])
+    gamma = cmda.gmm_responsibilities(np.array([[0.5], [60.0]]), np.array([0.5, 0.5]), means, covariances)
+    np.testing.assert_allclose(gamma, [[0.5, 0.5], [np.exp(-59.5), 1.0]], rtol=1e-9, atol=1e-30)

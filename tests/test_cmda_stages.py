@@ -468,6 +468,7 @@ def test_embeddings_from_the_input_sidecar_are_used_as_given(demo_text, shards, 
 
     recipe = load_recipe("cmda-precomputed")
     plan = build_plan(recipe)
+    # nothing re-embeds
     assert [s.name for s in plan.stages] == ["latent_space", "cluster", "interpolate", "drop_duplicates"]
     units = discover_inputs(tmp_path, recipe.shard_size)
     assert all(u.sidecar is not None for u in units)

@@ -205,3 +205,95 @@ def test_recursive_mix_pastes_resized_previous_batch() -> None:
     np.testing.assert_array_equal(out_x[0, 0, 2:6, 1::2], old_x[0, 0])
     np.testing.assert_allclose(out_y, [[0.5, 0.5], [0.5, 0.5]])
     assert np.all(x == 0)  # the input is not modified
+
+
+# ------------------------------------------------------------------ boundaries the golden values miss
+
+
+def _reference_rand_bbox(height, width, seed, alpha):
+    """CutMix's ``rand_bbox`` as RecursiveMix's ``utils.py`` has it, written out with np.clip."""
+    rng = np.random.default_rng(seed)
+    ratio = np.sqrt(rng.uniform(0.0, alpha))
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    box = (
+        int(np.clip(cy - cut_h // 2, 0, height)),
+        int(np.clip(cx - cut_w // 2, 0, width)),
+        int(np.clip(cy + cut_h // 2, 0, height)),
+        int(np.clip(cx + cut_w // 2, 0, width)),
+    )
+    return box
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (17, 40), (40, 9)])
+def test_recursive_mix_box_is_the_reference_box_and_lambda_is_its_exact_area(height, width):
+    boxes = set()
+    for seed in range(200):
+        box = mixup.recursive_mix_box(height, width, seed, alpha=0.9)
+        assert (box.top, box.left, box.bottom, box.right) == _reference_rand_bbox(height, width, seed, 0.9)
+        assert box.lam == 1.0 - (box.bottom - box.top) * (box.right - box.left) / (height * width)
+        assert box == mixup.recursive_mix_box(height, width, seed, alpha=0.9)
+        boxes.add(box)
+    assert len(boxes) > 150  # the seed matters
+
+
+def test_resize_nearest_matches_torch_on_non_square_shapes():
+    import torch
+
+    x = np.arange(2 * 3 * 5 * 7, dtype=np.float32).reshape(2, 3, 5, 7)
+    for height, width in [(3, 11), (9, 4), (5, 7), (1, 2)]:
+        expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=(height, width), mode="nearest")
+        np.testing.assert_array_equal(mixup._resize_nearest(x, height, width), expected.numpy())
+
+
+def test_recursive_mix_pastes_into_an_offset_box_from_a_larger_history():
+    x = np.zeros((2, 1, 6, 8))
+    old = np.ones((3, 1, 4, 4))  # the previous batch had more rows: its first two are used
+    y, old_y = np.eye(2), np.eye(2)[::-1].repeat(2, axis=0)[:3]
+    box = mixup.RecursiveMixBox(top=1, left=3, bottom=2, right=7, lam=1 - 4 / 48)
+    mixed, labels = mixup.recursive_mix(x, y, old, old_y, box)
+    assert mixed[:, :, 1, 3:7].min() == 1 and mixed.sum() == 2 * 4  # one row of four pixels per sample
+    assert not x.any()  # the input batch is not modified
+    np.testing.assert_allclose(labels, box.lam * y + (1 - box.lam) * old_y[:2])
+    for empty in (mixup.RecursiveMixBox(2, 3, 2, 7, 1.0), mixup.RecursiveMixBox(1, 3, 2, 3, 1.0)):
+        unchanged, _ = mixup.recursive_mix(x, y, old, old_y, empty)
+        assert not unchanged.any()
+
+
+def test_pmixup_q_accepts_one_zero_distance_and_refuses_negatives():
+    assert mixup.pmixup_q(0.0, 1.0) == 1.0  # the mix is the source: q = 1
+    assert mixup.pmixup_q(1.0, 0.0) == pytest.approx(np.exp(-20))
+    for d_s, d_t in [(-0.1, 1.0), (1.0, -0.1), (0.0, 0.0)]:
+        with pytest.raises(ValueError, match=r"^distances must be non-negative and not both zero$"):
+            mixup.pmixup_q(d_s, d_t)
+
+
+def test_pmixup_schedule_uses_its_temperature_and_bounds_the_iterations():
+    d_s, d_t = np.array([0.2, 0.1]), np.array([1.0, 1.0])
+    warm = mixup.pmixup_schedule(d_s, d_t, temperature=1.0)
+    q = np.exp(-d_s / (d_s + d_t))
+    np.testing.assert_allclose(warm, [(1 - q[0]) / 2, 2 * (1 - q[1]) / 2 + q[1] * (1 - q[0]) / 2])
+    with pytest.raises(ValueError, match=r"^2 iterations exceed n_total=1$"):
+        mixup.pmixup_schedule(d_s, d_t, n_total=1)
+
+
+def test_logsumexp_rows_shifts_each_row_by_its_own_maximum():
+    logits = np.array([[0.0, 0.0], [-1000.0, -1000.0]])
+    np.testing.assert_allclose(mixup._logsumexp_rows(logits), [np.log(2), -1000 + np.log(2)])
+
+
+def test_m2_loss_default_temperature_is_the_reference_0_07():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, 3))
+    text = rng.normal(size=(4, 3))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    assert mixup.m2_loss(image, text, 0.3) == mixup.m2_loss(image, text, 0.3, tau2=0.07)
+    assert mixup.m2_loss(image, text, 0.3) != mixup.m2_loss(image, text, 0.3, tau2=1.07)
+
+
+def test_recursive_mix_pastes_a_box_one_pixel_wide():
+    x, old = np.zeros((1, 1, 4, 4)), np.ones((1, 1, 4, 4))
+    box = mixup.RecursiveMixBox(top=0, left=2, bottom=4, right=3, lam=0.75)
+    mixed, _ = mixup.recursive_mix(x, np.eye(2)[:1], old, np.eye(2)[1:], box)
+    assert mixed.sum() == 4 and mixed[0, 0, :, 2].min() == 1

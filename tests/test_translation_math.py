@@ -147,3 +147,34 @@ def test_translate_guidance_zero_runs_the_unguided_path():
     with torch.no_grad():
         direct = model.eval()(c, noise, 6, None)
     torch.testing.assert_close(translate(model, c, noise, 6, 0.0), direct)
+
+
+def test_holdout_split_holds_out_at_least_one_row_and_never_all():
+    from augpipe.methods.translation import holdout_split
+
+    train, held = holdout_split(2, 0.9, seed=0)  # round(1.8) = 2 would leave nothing to train on
+    assert len(train) == 1 and len(held) == 1
+    train, held = holdout_split(10, 0.01, seed=0)  # round(0.1) = 0, but a share > 0 holds out one row
+    assert len(held) == 1 and sorted([*train, *held]) == list(range(10))
+    assert len(holdout_split(1, 0.5, seed=0)[1]) == 0 and len(holdout_split(10, 0.0, seed=0)[1]) == 0
+
+
+def test_scaler_standardises_per_column_and_never_divides_by_zero():
+    from augpipe.methods.translation import _scaler
+
+    x = torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 1.0], [5.0, 5.0, 2.0]])
+    mean, std = _scaler(x)
+    torch.testing.assert_close(mean, torch.tensor([3.0, 5.0, 1.0]))
+    torch.testing.assert_close(std, torch.tensor([2.0, 1.0, 1.0]))  # a constant column scales by 1
+    half = torch.tensor([[0.0], [0.5], [1.0]]) / 2
+    torch.testing.assert_close(_scaler(half)[1], torch.tensor([0.25]))  # small but real spread is kept
+    one = torch.tensor([[2.0, -1.0]])
+    mean, std = _scaler(one)  # a single row has no spread: unit scale, not NaN
+    torch.testing.assert_close(mean, one[0])
+    torch.testing.assert_close(std, torch.ones(2))
+
+
+def test_scaler_of_two_rows_uses_their_spread():
+    from augpipe.methods.translation import _scaler
+
+    torch.testing.assert_close(_scaler(torch.tensor([[0.0], [2.0]]))[1], torch.tensor([2.0**0.5]))

@@ -9,7 +9,9 @@ from headers, so callers can refuse an oversized member before reading a byte of
 
 Samples are grouped as WebDataset groups them (consecutive members sharing a key); a member whose
 extension the current group already has starts a new sample with the same key, which the reader then
-reports as a duplicate instead of silently overwriting the first.
+reports as a duplicate instead of silently overwriting the first. Folder entries and regular files without
+an extension are ``Skipped`` (WebDataset ignores them too); a link or device without an extension is a
+sample of its own, so the reader refuses it with a cause like any other non-regular member.
 """
 
 from __future__ import annotations
@@ -158,6 +160,9 @@ def scan_samples(stream: IO[bytes], size: int) -> Iterator[Sample | Skipped | Da
             yield Skipped(item, "a folder entry")
             continue
         key, ext = key_of(item.name)
+        if (key is None or ext is None) and item.kind != "file":
+            yield Sample(item.name, others=[item])  # a link or device is refused, never skipped unseen
+            continue
         if key is None or ext is None:
             yield Skipped(item, "a file name without an extension (WebDataset ignores it)")
             continue
