@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from augpipe.pipeline.models import ModelNotFoundError
-from augpipe.pipeline.rows import Failure, Row, check_field_name, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageContext, StageSettings
 
 TEXT_FIELDS = frozenset({"text", "transcript"})
@@ -398,7 +398,7 @@ TEXT_BACKENDS: dict[str, type[EmbedBackend]] = {n: b for n, b in BACKENDS.items(
 
 class EmbedSettings(StageSettings):
     field: Literal["text", "transcript", "image"] = Field(default="text", description="the field to embed")
-    output: str | None = Field(default=None, description="output field; default <field>_embedding")
+    output: FieldName | None = Field(default=None, description="output field; default <field>_embedding")
     normalize: bool = Field(default=True, description="scale each embedding to unit L2 norm")
     model: str | None = Field(
         default=None, description="model reference (pkg://, local path or cached hub id); backend default"
@@ -412,11 +412,6 @@ class EmbedSettings(StageSettings):
             image = data.get("field") in IMAGE_FIELDS
             data = {**data, "backend": "efficientnet_lite0" if image else "sentence_transformers"}
         return data
-
-    @field_validator("output")
-    @classmethod
-    def _output_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @property
     def output_field(self) -> str:

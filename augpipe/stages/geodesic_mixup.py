@@ -29,10 +29,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
-from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
@@ -52,18 +52,15 @@ class GeodesicMixupSettings(StageSettings):
     between: Literal["samples", "modalities"] = Field(
         default="samples", description="samples: two rows' `field`; modalities: one row's image and text"
     )
-    field: str = Field(default="image_embedding", description="embedding mixed between samples")
-    image_field: str = Field(default="image_embedding", description="a in mix_λ(a, b) for modalities")
-    text_field: str = Field(default="text_embedding", description="b in mix_λ(a, b) for modalities")
-    output: str | None = Field(default=None, description="default generated_<field> / generated_embedding")
+    field: FieldName = Field(default="image_embedding", description="embedding mixed between samples")
+    image_field: FieldName = Field(default="image_embedding", description="a in mix_λ(a, b) for modalities")
+    text_field: FieldName = Field(default="text_embedding", description="b in mix_λ(a, b) for modalities")
+    output: FieldName | None = Field(
+        default=None, description="default generated_<field> / generated_embedding"
+    )
     alpha: float = Field(default=0.5, gt=0, description="λ ~ Beta(α, α) (m²-Mix β2: 0.5)")
     per_sample_lambda: bool = Field(default=True, description="one λ per output; false: one per pass")
     on_antipodal: Literal["keep", "drop"] = "keep"
-
-    @field_validator("field", "image_field", "text_field", "output")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @property
     def sources(self) -> tuple[str, ...]:

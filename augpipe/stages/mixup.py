@@ -22,12 +22,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods.mixup import mix_pair, mixup_batch
-from augpipe.pipeline.rows import Failure, Row, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,
@@ -44,16 +43,11 @@ from augpipe.stages.interpolate import (
 
 
 class MixupSettings(StageSettings):
-    field: str = Field(default="image", description="image (pixel space) or an embedding field")
-    output: str | None = Field(default=None, description="default generated_image / generated_<field>")
+    field: FieldName = Field(default="image", description="image (pixel space) or an embedding field")
+    output: FieldName | None = Field(default=None, description="default generated_image / generated_<field>")
     alpha: float = Field(default=0.25, gt=0, description="λ ~ Beta(α, α) (CMDA's baseline: 0.25)")
     per_sample_lambda: bool = Field(default=True, description="one λ per output; false: one per pass")
     image_size: int | None = Field(default=None, ge=8, description="square side; default the anchor's size")
-
-    @field_validator("field", "output")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @property
     def output_field(self) -> str:
