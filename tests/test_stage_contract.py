@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +288,8 @@ def test_fingerprint_is_stable_and_follows_the_context_it_reads(name, backend, r
     context.reads.clear()
     stage.process_batch(make_rows(stage, BATCH_ROWS))
     reads = setup_reads | context.reads
+    undeclared = reads - {"run_seed"} - set(stage.reads_context)
+    assert not undeclared, f"{name} reads context {sorted(undeclared)} without declaring it in reads_context"
     changed = {"run_seed": 4, "recipe": "other", "multiple": 3, "tag": "alt"}
     for field in sorted(reads | {"run_seed"}):
         other = dataclasses.replace(CONTEXT, **{field: changed[field]})
@@ -294,3 +298,26 @@ def test_fingerprint_is_stable_and_follows_the_context_it_reads(name, backend, r
         )
     unread = {f: changed[f] for f in CONTEXT_FIELDS - reads - {"run_seed"}}
     assert build(name, options, dataclasses.replace(CONTEXT, **unread)).fingerprint() == stage.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("name", "legacy"),
+    [
+        ("mixup", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("geodesic_mixup", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("interpolate", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("select", lambda base, c: base + json.dumps([c.multiple, c.tag])),
+    ],
+)
+def test_declared_context_gives_the_keys_stages_once_wrote_by_hand(name, legacy, monkeypatch):
+    """Existing caches and outputs stay valid: the declaration hashes what the old overrides hashed."""
+    declared = build(name, {}).fingerprint()
+    monkeypatch.setattr(stage_class(name), "reads_context", ())
+    base = build(name, {}).fingerprint()
+    assert declared == hashlib.sha256(legacy(base, CONTEXT).encode()).hexdigest()[:16]
+
+
+def test_reads_context_names_only_context_fields():
+    for bad in (("multiplee",), ("run_seed",)):
+        with pytest.raises(TypeError, match="not StageContext fields"):
+            type("Bad", (Stage,), {"name": "bad", "reads_context": bad})

@@ -37,7 +37,6 @@ from augpipe.pipeline.stage import Resources, Stage, StageSettings
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,
-    multiple_fingerprint,
     row_ident,
     shard_seed,
     soft_label_json,
@@ -85,6 +84,7 @@ class GeodesicMixup(Stage):
     Settings: ClassVar[type[StageSettings]] = GeodesicMixupSettings
     resources: ClassVar[Resources] = Resources(cpus=0.5, gpus=0.0, memory_gb=1.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: GeodesicMixupSettings
 
@@ -94,9 +94,6 @@ class GeodesicMixup(Stage):
     def outputs(self) -> frozenset[str]:
         extra = {"soft_label"} if self.settings.between == "samples" else set()
         return frozenset({self.settings.output_field, *extra})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _vectors(self, row: Row, dims: dict[str, int]) -> tuple[list[np.ndarray], str | None]:
         vectors = []

@@ -134,12 +134,6 @@ def soft_label_json(weights: np.ndarray, classes: Sequence[str]) -> str | None:
     return json.dumps({classes[c]: float(weights[c]) for c in np.flatnonzero(weights > 0)}, sort_keys=True)
 
 
-def multiple_fingerprint(stage: Stage) -> str:
-    """A stage's fingerprint extended with the fan-out k, for stages whose output count is k."""
-    base = Stage.fingerprint(stage)
-    return hashlib.sha256(f"{base}|multiple={stage.context.multiple}".encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Stage
 # ----------------------------------------------------------------------------------------------------
@@ -214,6 +208,7 @@ class Interpolate(Stage):
     Settings: ClassVar[type[StageSettings]] = InterpolateSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: InterpolateSettings
 
@@ -227,9 +222,6 @@ class Interpolate(Stage):
     def outputs(self) -> frozenset[str]:
         s = self.settings
         return frozenset({s.output_field, *(["soft_label"] if s.soft_label else [])})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _check(self, row: Row, dims: dict[str, int]) -> tuple[str, str] | None:
         """(cause, message) why ``row`` cannot join a pool, or None; fixes dims from the first good row.

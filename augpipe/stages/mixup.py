@@ -33,7 +33,6 @@ from augpipe.stages.interpolate import (
     class_index,
     fit_image,
     is_image,
-    multiple_fingerprint,
     row_ident,
     shard_seed,
     soft_label_json,
@@ -70,6 +69,7 @@ class Mixup(Stage):
     Settings: ClassVar[type[StageSettings]] = MixupSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: MixupSettings
 
@@ -78,9 +78,6 @@ class Mixup(Stage):
 
     def outputs(self) -> frozenset[str]:
         return frozenset({self.settings.output_field, "soft_label"})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _mix_images(self, a: Any, b: Any, lam: float) -> Any:
         side = self.settings.image_size
