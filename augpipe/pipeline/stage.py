@@ -3,6 +3,8 @@
 A stage is one class in one module of ``augpipe.stages``. It declares as data:
 
 - ``consumes`` / ``produces``: the row fields it reads and writes, checked when a recipe is built;
+- ``reads_context``: the run-wide values (``StageContext``) besides the seed that shape its output, which
+  the base ``fingerprint`` hashes, so a stage never writes its own cache key;
 - ``Settings``: a pydantic model of its options (unknown keys are errors, named by the recipe loader);
 - ``resources`` and ``batch_size``: defaults the executor sizes actors with, overridable per recipe;
 - ``backends``: interchangeable implementations chosen by ``settings.backend``.
@@ -137,6 +139,20 @@ class Stage:
     """Whether outputs are worth caching per shard (model stages); cheap filters set this False."""
     needs_fit: ClassVar[bool] = False
     """Global stages (a GMM, a learned latent space) fit once over the whole corpus before processing."""
+    reads_context: ClassVar[tuple[str, ...]] = ()
+    """``StageContext`` fields other than ``run_seed`` (in every fingerprint) that change the output, e.g.
+    ``("multiple",)`` for a stage that writes k rows per pool; ``fingerprint`` hashes them in this order."""
+    context_key: ClassVar[Literal["pairs", "list"]] = "pairs"
+    """How ``reads_context`` joins the fingerprint: ``|multiple=2`` pairs, or a JSON list ``[2, "aug"]``
+    (select's form from before the declaration). Only the form of existing keys depends on it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.reads_context) - set(StageContext.__dataclass_fields__) | (
+            {"run_seed"} & set(cls.reads_context)
+        )
+        if unknown:
+            raise TypeError(f"{cls.__name__}.reads_context names {sorted(unknown)}: not StageContext fields")
 
     def __init__(self, settings: StageSettings, context: StageContext) -> None:
         self.settings = settings
@@ -226,11 +242,20 @@ class Stage:
         return info
 
     def fingerprint(self) -> str:
-        """A hash of what changes this stage's output: settings (minus execution-only) and model."""
+        """A hash of what changes this stage's output: settings (minus execution-only), model, run seed
+        and the declared ``reads_context`` values."""
         options = self.settings.model_dump(exclude=set(self.settings.EXECUTION_ONLY))
         identity = {"describe": self.describe(), "options": options, "seed": self.context.run_seed}
         blob = json.dumps(identity, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if not self.reads_context:
+            return digest
+        values = {name: getattr(self.context, name) for name in self.reads_context}
+        if self.context_key == "list":
+            extra = json.dumps(list(values.values()))
+        else:
+            extra = "".join(f"|{name}={value}" for name, value in values.items())
+        return hashlib.sha256(f"{digest}{extra}".encode()).hexdigest()[:16]
 
     def seed_for(self, row: Row) -> int:
         """The deterministic seed of this stage's work on ``row``."""

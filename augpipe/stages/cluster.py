@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods.gmm import (
     ClusterModel,
@@ -45,7 +45,7 @@ from augpipe.methods.gmm import (
     gmm_from_params,
     reduce_then_select,
 )
-from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, record
 from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
 
 FORMAT_VERSION = 2
@@ -54,8 +54,8 @@ STATE_FILE = "cluster.json"
 
 
 class ClusterSettings(GlobalStageSettings):
-    cluster_on: str = Field(default="text_embedding", description="the features the GMM is fitted on")
-    output: str = Field(default="cluster", description="field for the row's cluster id (int)")
+    cluster_on: FieldName = Field(default="text_embedding", description="the features the GMM is fitted on")
+    output: FieldName = Field(default="cluster", description="field for the row's cluster id (int)")
     m_max: int = Field(default=20, ge=1, description="BIC chooses M in 1..m_max")
     covariance: CovarianceType = Field(
         default="tied", description="GMM covariance: tied (one shared full matrix), full (the reference's)"
@@ -66,11 +66,6 @@ class ClusterSettings(GlobalStageSettings):
     seed: int | None = Field(
         default=None, ge=0, lt=2**32, description="GMM and subsample seed; default from the run seed"
     )
-
-    @field_validator("cluster_on", "output")
-    @classmethod
-    def _field_name(cls, value: str) -> str:
-        return check_field_name(value)
 
 
 class Cluster(Stage):

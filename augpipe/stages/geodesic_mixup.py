@@ -29,15 +29,14 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
-from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,
-    multiple_fingerprint,
     row_ident,
     shard_seed,
     soft_label_json,
@@ -52,18 +51,15 @@ class GeodesicMixupSettings(StageSettings):
     between: Literal["samples", "modalities"] = Field(
         default="samples", description="samples: two rows' `field`; modalities: one row's image and text"
     )
-    field: str = Field(default="image_embedding", description="embedding mixed between samples")
-    image_field: str = Field(default="image_embedding", description="a in mix_λ(a, b) for modalities")
-    text_field: str = Field(default="text_embedding", description="b in mix_λ(a, b) for modalities")
-    output: str | None = Field(default=None, description="default generated_<field> / generated_embedding")
+    field: FieldName = Field(default="image_embedding", description="embedding mixed between samples")
+    image_field: FieldName = Field(default="image_embedding", description="a in mix_λ(a, b) for modalities")
+    text_field: FieldName = Field(default="text_embedding", description="b in mix_λ(a, b) for modalities")
+    output: FieldName | None = Field(
+        default=None, description="default generated_<field> / generated_embedding"
+    )
     alpha: float = Field(default=0.5, gt=0, description="λ ~ Beta(α, α) (m²-Mix β2: 0.5)")
     per_sample_lambda: bool = Field(default=True, description="one λ per output; false: one per pass")
     on_antipodal: Literal["keep", "drop"] = "keep"
-
-    @field_validator("field", "image_field", "text_field", "output")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -88,6 +84,7 @@ class GeodesicMixup(Stage):
     Settings: ClassVar[type[StageSettings]] = GeodesicMixupSettings
     resources: ClassVar[Resources] = Resources(cpus=0.5, gpus=0.0, memory_gb=1.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: GeodesicMixupSettings
 
@@ -97,9 +94,6 @@ class GeodesicMixup(Stage):
     def outputs(self) -> frozenset[str]:
         extra = {"soft_label"} if self.settings.between == "samples" else set()
         return frozenset({self.settings.output_field, *extra})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _vectors(self, row: Row, dims: dict[str, int]) -> tuple[list[np.ndarray], str | None]:
         vectors = []

@@ -56,10 +56,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from augpipe.methods.cmda import EPS, iter_offline_batches, resolve_mode, soft_labels
-from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 
 WHOLE_SHARD = 1_000_000
@@ -134,12 +134,6 @@ def soft_label_json(weights: np.ndarray, classes: Sequence[str]) -> str | None:
     return json.dumps({classes[c]: float(weights[c]) for c in np.flatnonzero(weights > 0)}, sort_keys=True)
 
 
-def multiple_fingerprint(stage: Stage) -> str:
-    """A stage's fingerprint extended with the fan-out k, for stages whose output count is k."""
-    base = Stage.fingerprint(stage)
-    return hashlib.sha256(f"{base}|multiple={stage.context.multiple}".encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Stage
 # ----------------------------------------------------------------------------------------------------
@@ -148,15 +142,19 @@ def multiple_fingerprint(stage: Stage) -> str:
 class InterpolateSettings(StageSettings):
     student: Literal["image", "text"] = Field(default="image", description="modality whose samples are mixed")
     teacher: Literal["image", "text"] = Field(default="text", description="modality whose latents weigh")
-    student_latent: str = Field(default="student_latent", description="ẑ: the student's common-space latent")
-    teacher_latent: str = Field(default="teacher_latent", description="t: the teacher's common-space latent")
-    student_field: str | None = Field(
+    student_latent: FieldName = Field(
+        default="student_latent", description="ẑ: the student's common-space latent"
+    )
+    teacher_latent: FieldName = Field(
+        default="teacher_latent", description="t: the teacher's common-space latent"
+    )
+    student_field: FieldName | None = Field(
         default=None, description="raw student samples x̂; default image, or text_embedding for text"
     )
-    output: str | None = Field(
+    output: FieldName | None = Field(
         default=None, description="default generated_image / generated_<student_field>"
     )
-    cluster_field: str | None = Field(
+    cluster_field: FieldName | None = Field(
         default="cluster", description="cluster ids for the DCA mask; null: none"
     )
     weight_mode: Literal["rownorm", "rownorm_cra", "reference_cra", "reference_cma"] = "rownorm"
@@ -168,11 +166,6 @@ class InterpolateSettings(StageSettings):
     image_size: int | None = Field(
         default=None, ge=8, description="square side for image students; default the shard's first image"
     )
-
-    @field_validator("student_latent", "teacher_latent", "student_field", "output", "cluster_field")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> InterpolateSettings:
@@ -215,6 +208,7 @@ class Interpolate(Stage):
     Settings: ClassVar[type[StageSettings]] = InterpolateSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: InterpolateSettings
 
@@ -228,9 +222,6 @@ class Interpolate(Stage):
     def outputs(self) -> frozenset[str]:
         s = self.settings
         return frozenset({s.output_field, *(["soft_label"] if s.soft_label else [])})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _check(self, row: Row, dims: dict[str, int]) -> tuple[str, str] | None:
         """(cause, message) why ``row`` cannot join a pool, or None; fixes dims from the first good row.

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from augpipe.pipeline.rows import Failure, Row, derive_seed, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, record
 from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "heads.safetensors"
@@ -51,10 +50,14 @@ SHAPE_SETTINGS = ("student", "teacher", "dim", "hidden", "standardize")
 
 
 class LatentSpaceSettings(GlobalStageSettings):
-    student: str = Field(default="image_embedding", description="student modality's frozen feature field")
-    teacher: str = Field(default="text_embedding", description="teacher modality's frozen feature field")
-    student_output: str = Field(default="student_latent", description="field for g_s(student)")
-    teacher_output: str = Field(default="teacher_latent", description="field for g_t(teacher)")
+    student: FieldName = Field(
+        default="image_embedding", description="student modality's frozen feature field"
+    )
+    teacher: FieldName = Field(
+        default="text_embedding", description="teacher modality's frozen feature field"
+    )
+    student_output: FieldName = Field(default="student_latent", description="field for g_s(student)")
+    teacher_output: FieldName = Field(default="teacher_latent", description="field for g_t(teacher)")
     dim: int = Field(default=128, ge=2, description="common latent dimension (P: 128)")
     hidden: int = Field(default=512, ge=0, description="hidden width of each head; 0 = linear head")
     temperature: float = Field(default=0.5, gt=0, description="SupCon τ (R: 0.5)")
@@ -69,15 +72,10 @@ class LatentSpaceSettings(GlobalStageSettings):
     supervised: bool | Literal["auto"] = Field(
         default="auto", description="Eq. 8 (same-label positives); auto: when every row has a label"
     )
-    label_field: str = "label"
+    label_field: FieldName = "label"
     standardize: bool = Field(
         default=True, description="z-score each input feature with the corpus mean and std before the head"
     )
-
-    @field_validator("student", "teacher", "student_output", "teacher_output", "label_field")
-    @classmethod
-    def _field_name(cls, value: str) -> str:
-        return check_field_name(value)
 
     @model_validator(mode="after")
     def _distinct(self) -> LatentSpaceSettings:

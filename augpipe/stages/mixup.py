@@ -22,19 +22,17 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from augpipe.methods.mixup import mix_pair, mixup_batch
-from augpipe.pipeline.rows import Failure, Row, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.embed import check_field_name
 from augpipe.stages.interpolate import (
     WHOLE_SHARD,
     as_vector,
     class_index,
     fit_image,
     is_image,
-    multiple_fingerprint,
     row_ident,
     shard_seed,
     soft_label_json,
@@ -44,16 +42,11 @@ from augpipe.stages.interpolate import (
 
 
 class MixupSettings(StageSettings):
-    field: str = Field(default="image", description="image (pixel space) or an embedding field")
-    output: str | None = Field(default=None, description="default generated_image / generated_<field>")
+    field: FieldName = Field(default="image", description="image (pixel space) or an embedding field")
+    output: FieldName | None = Field(default=None, description="default generated_image / generated_<field>")
     alpha: float = Field(default=0.25, gt=0, description="λ ~ Beta(α, α) (CMDA's baseline: 0.25)")
     per_sample_lambda: bool = Field(default=True, description="one λ per output; false: one per pass")
     image_size: int | None = Field(default=None, ge=8, description="square side; default the anchor's size")
-
-    @field_validator("field", "output")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @property
     def output_field(self) -> str:
@@ -76,6 +69,7 @@ class Mixup(Stage):
     Settings: ClassVar[type[StageSettings]] = MixupSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
     batch_size: ClassVar[int] = WHOLE_SHARD
+    reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: MixupSettings
 
@@ -84,9 +78,6 @@ class Mixup(Stage):
 
     def outputs(self) -> frozenset[str]:
         return frozenset({self.settings.output_field, "soft_label"})
-
-    def fingerprint(self) -> str:
-        return multiple_fingerprint(self)
 
     def _mix_images(self, a: Any, b: Any, lam: float) -> Any:
         side = self.settings.image_size

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from augpipe.pipeline.rows import Failure, Row, check_field_name, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageContext, StageSettings
 from augpipe.stages.embed import (
     ClipBackend,
@@ -55,8 +55,8 @@ class ScoreInvarianceSettings(StageSettings):
     model: str | None = Field(
         default=None, description="model reference (pkg://, local path or cached hub id); backend default"
     )
-    field: str = Field(default="generated_image", description="the generated image to judge")
-    source_field: str = Field(default="image", description="the source image it must stay faithful to")
+    field: FieldName = Field(default="generated_image", description="the generated image to judge")
+    source_field: FieldName = Field(default="image", description="the source image it must stay faithful to")
     label_template: str = Field(default="a photo of a {label}", description="CLIP class prompt")
     label_names: tuple[str, ...] | None = Field(default=None, description="names for integer labels")
     top_k: int = Field(default=5, ge=1, le=1000, description="k of the ImageNet top-k agreement")
@@ -72,11 +72,6 @@ class ScoreInvarianceSettings(StageSettings):
     require_top1: bool = Field(
         default=False, description="drop when the source's top-1 class is not in the generated top-k"
     )
-
-    @field_validator("field", "source_field")
-    @classmethod
-    def _field_name(cls, value: str) -> str:
-        return check_field_name(value)
 
     @field_validator("label_template")
     @classmethod

@@ -13,27 +13,22 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from augpipe.pipeline.rows import Failure, Row, check_field_name, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
 from augpipe.stages.embed import TEXT_BACKENDS, EmbedBackend, l2_normalize
 
 
 class ScoreSimilaritySettings(StageSettings):
-    source_field: str = Field(default="text", description="the reference text field")
-    candidate_field: str = Field(default="transcript", description="the candidate text field")
+    source_field: FieldName = Field(default="text", description="the reference text field")
+    candidate_field: FieldName = Field(default="transcript", description="the candidate text field")
     model: str | None = Field(
         default=None, description="model reference (pkg://, local path or cached hub id); backend default"
     )
     min_similarity: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="drop candidates below this cosine; none = record only"
     )
-
-    @field_validator("source_field", "candidate_field")
-    @classmethod
-    def _field_name(cls, value: str) -> str:
-        return check_field_name(value)
 
 
 class ScoreSimilarity(Stage):

@@ -8,9 +8,6 @@ a pool of five copies of one paraphrase is one augmentation, not five. Output ke
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 from pydantic import Field
 
@@ -33,15 +30,12 @@ class Select(Stage):
     resources = Resources(cpus=0.25)
     batch_size = 256
     cacheable = False
+    reads_context = ("multiple", "tag")
+    context_key = "list"
     settings: SelectSettings
 
     def inputs(self) -> frozenset[str]:
         return frozenset({self.settings.dedupe_field}) if self.settings.dedupe_field else frozenset()
-
-    def fingerprint(self) -> str:
-        base = super().fingerprint()
-        extra = json.dumps([self.context.multiple, self.context.tag])
-        return hashlib.sha256(f"{base}{extra}".encode()).hexdigest()[:16]
 
     def _distinct(self, rows: list[Row]) -> list[Row]:
         """One candidate per distinct value; texts that differ only in case or punctuation are one."""

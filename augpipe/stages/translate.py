@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from augpipe.methods.cdim import Autocast
 from augpipe.methods.translation import (
@@ -51,7 +51,7 @@ from augpipe.methods.translation import (
     row_noise,
     translate,
 )
-from augpipe.pipeline.rows import Failure, Row, check_field_name, derive_seed, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 from augpipe.stages.embed import l2_normalize
 from augpipe.stages.interpolate import as_vector
@@ -63,9 +63,9 @@ STATE_FILE = "translate.json"
 
 class TranslateSettings(StageSettings):
     direction: Literal["image_to_text", "text_to_image"] = "image_to_text"
-    image_field: str = Field(default="image_embedding", description="the image embedding field")
-    text_field: str = Field(default="text_embedding", description="the text embedding field")
-    output: str | None = Field(default=None, description="default translated_<target>_embedding")
+    image_field: FieldName = Field(default="image_embedding", description="the image embedding field")
+    text_field: FieldName = Field(default="text_embedding", description="the text embedding field")
+    output: FieldName | None = Field(default=None, description="default translated_<target>_embedding")
     image_encoder: str | None = Field(
         default=None, description="image encoder id for lineage (input embeddings)"
     )
@@ -93,11 +93,6 @@ class TranslateSettings(StageSettings):
     seed: int | None = Field(
         default=None, ge=0, lt=2**63, description="training seed; default from the run seed"
     )
-
-    @field_validator("image_field", "text_field", "output")
-    @classmethod
-    def _field_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_field_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> TranslateSettings:

@@ -1,0 +1,323 @@
+"""One contract, every stage × backend (img2dataset's one test over every distributor).
+
+Each registered stage, under each of its backends, is built from settings, set up (fitted first when it is
+a global stage) and checked for what the engine relies on: unknown settings are refused by name; an empty
+batch gives nothing; outputs stay within the row's fields plus the declared outputs; a missing input becomes
+a named Failure; the fingerprint is stable, and moves with every context value the stage reads.
+
+Backends that need a model run on miniature random models: the `tiny` backends, and the real backends
+loading the same miniature models saved to disk. Only a backend whose optional library is absent is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from augpipe.pipeline.config import ConfigError, StageEntry
+from augpipe.pipeline.registry import build_stage, stage_class, stage_names
+from augpipe.pipeline.rows import RESERVED_FIELDS, Failure
+from augpipe.pipeline.stage import Stage, StageContext
+
+CONTEXT = StageContext(run_seed=3, recipe="contract", multiple=2, tag="aug")
+FIT_ROWS = 12
+BATCH_ROWS = 4
+
+# Options that make a stage cheap, or valid under a backend (image towers embed the image field).
+STAGE_OPTIONS: dict[str, dict[str, Any]] = {
+    "caption": {"max_new_tokens": 4, "variants": 3},  # a random model's greedy caption may be empty
+    "cluster": {"pca_dims": 2, "m_max": 2, "seed": 1},
+    "generate_image": {"steps": 2, "height": 32, "width": 32},
+    "interpolate": {"pool_size": 4},
+    "latent_space": {"epochs": 2, "dim": 4, "hidden": 8, "train_batch_size": 8},
+    "perturb_audio": {"variants": 2},
+    "score_invariance": {"label_names": ["bird", "cat"]},
+    "synthesize_speech": {"variants": 2},
+    "transcribe": {"variants": 2, "beam_size": 1, "max_new_tokens": 4},
+    "translate": {"hidden": 16, "layers": 2, "steps": 2, "epochs": 1, "train_batch_size": 8, "holdout": 0.2},
+}
+BACKEND_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("embed", "efficientnet_lite0"): {"field": "image"},
+}
+
+
+def _save_blip(path: Path) -> None:
+    from augpipe.stages.caption import build_tiny_blip
+
+    model, processor = build_tiny_blip(0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _save_blip2(path: Path) -> None:
+    from tests.test_image_stages import build_tiny_blip2
+
+    build_tiny_blip2(path)
+
+
+def _save_clip(path: Path) -> None:
+    from augpipe.stages.embed import TinyClipBackend
+
+    tokenizer = TinyClipBackend.build_tokenizer()
+    TinyClipBackend.build_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    TinyClipBackend.build_image_processor().save_pretrained(path)
+
+
+def _save_sd(path: Path) -> None:
+    from augpipe.stages.generate_image import build_tiny_sd
+
+    build_tiny_sd(0).save_pretrained(path, safe_serialization=True)
+
+
+def _save_whisper(path: Path) -> None:
+    import torch
+
+    from augpipe.stages.transcribe import build_tiny_whisper
+
+    model = build_tiny_whisper(0)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"dims": model.dims.__dict__, "model_state_dict": model.state_dict()}, path / "tiny.pt")
+
+
+# Real backends whose default model is not shipped: each loads a miniature model saved by the writer.
+SAVED_MODELS = {
+    "blip": (_save_blip, ""),
+    "hf": (_save_blip, ""),
+    "blip2": (_save_blip2, ""),
+    "clip": (_save_clip, ""),
+    "diffusers": (_save_sd, ""),
+    "whisper": (_save_whisper, "tiny.pt"),
+}
+OPTIONAL_LIBRARIES = {("synthesize_speech", "coqui"): "TTS"}
+
+
+def cases() -> list[Any]:
+    out = []
+    for name in stage_names():
+        cls = stage_class(name)
+        for backend in sorted(cls.backends) or [None]:
+            out.append(pytest.param(name, backend, id=f"{name}-{backend}" if backend else name))
+    return out
+
+
+CASES = cases()
+
+
+@dataclass(frozen=True)
+class ReadingContext(StageContext):
+    """A StageContext that notes which of its fields were read."""
+
+    reads: set[str] = dataclasses.field(default_factory=set, compare=False, repr=False)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in CONTEXT_FIELDS:
+            object.__getattribute__(self, "reads").add(name)
+        return object.__getattribute__(self, name)
+
+
+CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(StageContext))
+
+
+def field_value(field: str, rng: np.random.Generator, i: int) -> Any:
+    """A plausible value for a row field, by the field's name."""
+    if "image" in field and not field.endswith("embedding"):
+        return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    if field == "audio":
+        return speech()[0].copy()
+    if field == "sample_rate":
+        return speech()[1]
+    if field.endswith(("embedding", "latent")):
+        return rng.standard_normal(8).astype(np.float32)
+    if field == "cluster":
+        return i % 2
+    if field == "label":
+        return ["bird", "cat"][i % 2]
+    return f"a small {['red', 'blue', 'green'][i % 3]} bird number {i} sits on the {field}"
+
+
+@functools.cache
+def speech() -> tuple[np.ndarray, int]:
+    """One spoken sentence (eSpeak, deterministic), so every recogniser has words to find."""
+    stage = build("synthesize_speech", {"backend": "espeak"})
+    stage.setup()
+    (row,) = stage.process_batch([{"key": "s", "variant": (), "lineage": {}, "text": "the bird sings"}])
+    return row["audio"], row["sample_rate"]
+
+
+def make_rows(stage: Stage, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    fields = sorted(stage.inputs() | stage.fit_fields() | {"label"})
+    return [
+        {
+            "key": f"k{i:03d}",
+            "variant": (),
+            "lineage": {},
+            "passenger": i,
+            **{f: field_value(f, rng, i) for f in fields},
+        }
+        for i in range(n)
+    ]
+
+
+def options_for(name: str, backend: str | None, models: Path) -> dict[str, Any]:
+    options = {**STAGE_OPTIONS.get(name, {}), **BACKEND_OPTIONS.get((name, backend), {})}
+    if backend is None:
+        return options
+    library = OPTIONAL_LIBRARIES.get((name, backend))
+    if library and importlib.util.find_spec(library) is None:
+        pytest.skip(f"{name} backend {backend!r} needs the optional library {library!r}, absent here")
+    options["backend"] = backend
+    if backend in SAVED_MODELS:
+        write, inner = SAVED_MODELS[backend]
+        folder = models / backend
+        if not folder.exists():
+            write(folder)
+        options["model"] = str(folder / inner) if inner else str(folder)
+    return options
+
+
+def build(name: str, options: dict[str, Any], context: StageContext = CONTEXT) -> Stage:
+    cls = stage_class(name)
+    stage = cls(cls.settings_from(options), context)
+    stage.name = name
+    stage.check()  # as the plan does before fingerprinting: check() resolves the model's revision
+    return stage
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+_READY: dict[tuple[str, str | None], tuple[Stage, ReadingContext, dict[str, Any], frozenset[str]]] = {}
+
+
+@pytest.fixture()
+def ready(request, models, tmp_path_factory):
+    """(stage set up and fitted, its reading context, its options, the context fields read so far), built
+    once per stage × backend."""
+    name, backend = request.node.callspec.params["name"], request.node.callspec.params["backend"]
+    options = options_for(name, backend, models)
+    if (name, backend) not in _READY:
+        context = ReadingContext(**dataclasses.asdict(CONTEXT))
+        stage = build(name, options, context)
+        stage.setup()
+        if stage.needs_fit:
+            rows = make_rows(stage, FIT_ROWS, seed=1)
+            columns = {f: [r.get(f) for r in rows] for f in ("key", *sorted(stage.fit_fields()))}
+            artifacts = tmp_path_factory.mktemp(f"fit-{name}")
+            stage.fit(columns, artifacts)
+            stage.load_fitted(artifacts)
+        _READY[name, backend] = (stage, context, options, frozenset(context.reads))
+    return _READY[name, backend]
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_settings_refuse_unknown_keys_by_name(name, backend):
+    cls = stage_class(name)
+    options = {"backend": backend} if backend else {}
+    with pytest.raises(ValidationError, match="no_such_option"):
+        cls.settings_from({**options, "no_such_option": 1})
+    with pytest.raises(ConfigError, match="no_such_option"):
+        build_stage(StageEntry(name=name, stage=name, options={**options, "no_such_option": 1}), CONTEXT)
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_empty_batch_gives_nothing(name, backend, ready):
+    stage = ready[0]
+    assert stage.process_batch([]) == []
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_outputs_stay_within_declared_fields(name, backend, ready):
+    stage = ready[0]
+    rows = make_rows(stage, BATCH_ROWS)
+    allowed = set(rows[0]) | stage.outputs() | RESERVED_FIELDS
+    out = stage.process_batch(rows)
+    produced = [r for r in out if isinstance(r, dict)]
+    assert produced, f"{name}: no row survived: {[r for r in out if isinstance(r, Failure)]}"
+    for row in produced:
+        assert set(row) <= allowed, f"{name} wrote undeclared fields {sorted(set(row) - allowed)}"
+        assert row["passenger"] == int(row["key"][1:]), "fields the stage does not own pass through"
+
+
+# Inputs a stage may do without, by design: the row is then kept or dropped (and counted), not failed.
+OPTIONAL_INPUTS = {
+    ("drop_duplicates", "image"): "without its source a candidate can only copy a sibling",
+    ("filter_paraphrase", "transcript"): "no transcript is an empty one: dropped, counted as dropped:empty",
+    ("select", "transcript"): "a candidate without the field is distinct from every other",
+}
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_a_missing_input_is_a_named_failure(name, backend, ready):
+    stage = ready[0]
+    for field in sorted(stage.inputs()):
+        rows = make_rows(stage, BATCH_ROWS)
+        del rows[1][field]
+        out = stage.process_batch(rows)
+        if (name, field) in OPTIONAL_INPUTS:
+            assert not [r for r in out if isinstance(r, Failure)], OPTIONAL_INPUTS[name, field]
+            continue
+        failures = [r for r in out if isinstance(r, Failure) and r.key == "k001"]
+        assert failures, f"{name}: a row without {field!r} gave no Failure"
+        assert all(f.stage == name and f.cause and f.message for f in failures)
+        assert not [r for r in out if isinstance(r, dict) and r["key"] == "k001"]
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_fingerprint_is_stable_and_follows_the_context_it_reads(name, backend, ready):
+    stage, context, options, setup_reads = ready
+    assert build(name, options).fingerprint() == build(name, options).fingerprint()
+    # The run seed always enters the key; every other context value the stage read must too.
+    context.reads.clear()
+    stage.process_batch(make_rows(stage, BATCH_ROWS))
+    reads = setup_reads | context.reads
+    undeclared = reads - {"run_seed"} - set(stage.reads_context)
+    assert not undeclared, f"{name} reads context {sorted(undeclared)} without declaring it in reads_context"
+    changed = {"run_seed": 4, "recipe": "other", "multiple": 3, "tag": "alt"}
+    for field in sorted(reads | {"run_seed"}):
+        other = dataclasses.replace(CONTEXT, **{field: changed[field]})
+        assert build(name, options, other).fingerprint() != stage.fingerprint(), (
+            f"{name} reads context.{field} but its fingerprint ignores it"
+        )
+    unread = {f: changed[f] for f in CONTEXT_FIELDS - reads - {"run_seed"}}
+    assert build(name, options, dataclasses.replace(CONTEXT, **unread)).fingerprint() == stage.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("name", "legacy"),
+    [
+        ("mixup", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("geodesic_mixup", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("interpolate", lambda base, c: f"{base}|multiple={c.multiple}"),
+        ("select", lambda base, c: base + json.dumps([c.multiple, c.tag])),
+    ],
+)
+def test_declared_context_gives_the_keys_stages_once_wrote_by_hand(name, legacy, monkeypatch):
+    """Existing caches and outputs stay valid: the declaration hashes what the old overrides hashed."""
+    declared = build(name, {}).fingerprint()
+    monkeypatch.setattr(stage_class(name), "reads_context", ())
+    base = build(name, {}).fingerprint()
+    assert declared == hashlib.sha256(legacy(base, CONTEXT).encode()).hexdigest()[:16]
+
+
+def test_reads_context_names_only_context_fields():
+    for bad in (("multiplee",), ("run_seed",)):
+        with pytest.raises(TypeError, match="not StageContext fields"):
+            type("Bad", (Stage,), {"name": "bad", "reads_context": bad})
