@@ -190,6 +190,8 @@ def test_dataset_card_names_the_recipe_labels_and_manifest(outputs):
         assert header["configs"][0]["data_files"][0]["path"] == "*.parquet"
         info = header["dataset_info"]
         assert info["splits"][0]["num_examples"] == manifest["samples"]["out"]
+        on_disk = sum(p.stat().st_size for p in folder.glob("*.parquet"))
+        assert info["splits"][0]["num_bytes"] == on_disk, "datasets ignores a split without its size"
         label = next(f for f in info["features"] if f["name"] == "label")
         assert list(label["dtype"]["class_label"]["names"].values()) == manifest["labels"]["names"]
         assert f"# {name} corpus" in text and "_augpipe/manifest.json" in text

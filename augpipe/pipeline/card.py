@@ -84,10 +84,18 @@ def _header(manifest: dict[str, Any], schema: pa.Schema | None) -> dict[str, Any
         ],
     }
     if schema is not None:
+        sidecar_bytes = sum(o["bytes"] for o in manifest["outputs"] if o["path"].endswith(".parquet"))
         header["dataset_info"] = {
             "config_name": "default",
             "features": features(schema, manifest.get("labels", {}).get("names", [])),
-            "splits": [{"name": "train", "num_examples": manifest["samples"]["out"]}],
+            # datasets ignores a split without its byte count (and says so on every load).
+            "splits": [
+                {
+                    "name": "train",
+                    "num_bytes": sidecar_bytes,
+                    "num_examples": manifest["samples"]["out"],
+                }
+            ],
         }
     return header
 
