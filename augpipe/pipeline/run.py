@@ -251,6 +251,7 @@ def _run_locked(
     if clear:
         log.info("--overwrite: removed the %d shards of the previous corpus", corpus.clear_corpus(store))
     executor, started_ray = make_executor(options.executor, cluster)
+    state = None
     try:
         indexed = time.perf_counter()
         todo, index, drops = _todo(store, plan, units, executor, previous, options)
@@ -267,7 +268,8 @@ def _run_locked(
             from augpipe.pipeline.executor import shutdown
 
             shutdown()
-        _sweep_unfinished(store, run_id)
+        if state is None or state.interrupted or state.aborted is not None:
+            _sweep_unfinished(store, run_id)  # a run that finished cleanly committed every shard it began
     return _finish(prepared, store, run_id, started, state, options)
 
 
