@@ -235,6 +235,21 @@ def test_latent_space_training_lowers_the_loss_and_saved_heads_reproduce_latents
     assert unsup_summary["supervised"] is False and unsup_summary["initial_loss"] != summary["initial_loss"]
 
 
+def test_max_steps_bounds_latent_space_training_and_is_recorded(corpus, fitted, tmp_path):
+    """On a large corpus the step budget, not the epoch count, ends training; below it nothing changes."""
+    data = columns(corpus, "image_embedding", "text_embedding", "label")
+    assert fitted["latent_summary"]["steps"] == 20 and fitted["latent_summary"]["max_steps"] == 2000
+    capped = make(LatentSpace, epochs=20, max_steps=7, train_batch_size=8)  # 18 rows: 3 steps an epoch
+    summary = capped.fit(data, tmp_path / "capped")
+    assert summary["steps"] == 7 and summary["epochs"] == 20
+    state = json.loads((tmp_path / "capped" / "latent_space.json").read_text())
+    assert len(state["epoch_losses"]) == 3  # two whole epochs and the step that began the third
+    uncapped = make(LatentSpace, epochs=3, max_steps=None, train_batch_size=8)
+    assert uncapped.fit(data, tmp_path / "all")["steps"] == 9
+    exact = make(LatentSpace, epochs=3, max_steps=9, train_batch_size=8)
+    assert exact.fit(data, tmp_path / "exact")["final_loss"] == uncapped.fitted["final_loss"]
+
+
 # --------------------------------------------------------------------------------------- interpolate
 
 
