@@ -132,6 +132,33 @@ def test_loss_is_l1_plus_two_times_the_ddim_mse():
     assert model.projection.weight.grad.abs().sum() > 0
 
 
+def test_the_ddim_loss_noises_the_z_scored_target_and_conditions_on_the_z_scored_source():
+    """Eq. 9's MSE term, with scalers far from (0, 1): the target is z-scored before noising, the
+    condition z-scored before the ε-network, and ∅ replaces it on ``uncond`` rows."""
+    model = build(SHAPE, 1.0, 2, "cpu").eval()
+    gen = torch.Generator().manual_seed(1)
+    c_train = 3.0 * torch.randn(64, 6, generator=gen) + 2.0
+    z_train = 0.5 * torch.randn(64, 5, generator=gen) - 4.0
+    model.set_scalers(c_train, z_train)
+    c, z = c_train[:8], z_train[:8]
+    draws = {
+        "t": torch.randint(0, 100, (8,), generator=gen),
+        "eps": torch.randn(8, 5, generator=gen),
+        "uncond": torch.tensor([True, False] * 4),
+    }
+    z0 = (z - z_train.mean(0)) / z_train.std(0)
+    a = model.abar[draws["t"]].unsqueeze(-1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * draws["eps"]
+    cond = (c - c_train.mean(0)) / c_train.std(0)
+    with torch.no_grad():
+        predicted = model.eps_net(z_t, draws["t"], cond, draws["uncond"])
+        expected = ((predicted - draws["eps"]) ** 2).mean()
+        torch.testing.assert_close(model.eps_loss(c, z, draws), expected)
+        config = TrainConfig(steps=3, omega=5.0)
+        terms = translation_loss(model, c, z, {**draws, "z_T": torch.randn(8, 5, generator=gen)}, config)
+        torch.testing.assert_close(terms["ddim"], expected)
+
+
 def test_row_noise_and_split_are_seeded():
     torch.testing.assert_close(row_noise([5, 9], 4)[1], row_noise([9], 4)[0])
     assert not torch.equal(row_noise([5], 4), row_noise([6], 4))
