@@ -25,13 +25,15 @@ Backends: ``blip`` (BlipForConditionalGeneration), ``blip2`` (Blip2ForConditiona
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
+from augpipe.pipeline.families import GeneratorStage
 from augpipe.pipeline.models import ModelNotFoundError
 from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
-from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
+from augpipe.pipeline.stage import Backend, Resources, StageSettings
 
 
 class CaptionSettings(StageSettings):
@@ -353,7 +355,20 @@ class TinyCaptioner(TransformersCaptioner):
         return info
 
 
-class Caption(Stage):
+CaptionResult = tuple[list[str], list[str]]
+"""One image's captions, one per variant, and each variant's decoding mode."""
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    """One image to caption: the RGB image, the children its variants fill and their seeds."""
+
+    image: Any
+    children: tuple[Row, ...]
+    seeds: list[int]
+
+
+class Caption(GeneratorStage[CaptionJob, CaptionResult]):
     """Caption an image field ``variants`` times; see the module docstring."""
 
     name = "caption"
@@ -387,55 +402,42 @@ class Caption(Stage):
             info.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         return info
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
-        s = self.settings
-        results: list[list[Row | Failure]] = [[] for _ in rows]  # per input row, so order is kept
-        valid: list[tuple[int, Any, list[Row]]] = []
-        for i, row in enumerate(rows):
-            image = row.get(s.field)
-            if image is None or not hasattr(image, "convert"):
-                results[i].append(
-                    self.fail(
-                        row,
-                        "bad_input",
-                        f"field {s.field!r} is missing or not an image ({type(image).__name__})",
-                    )
-                )
-                continue
-            children = [fan_out(row, j) for j in range(s.variants)]
-            valid.append((i, image.convert("RGB"), children))
-        if valid:
-            self._caption(valid, results)
-        return [item for group in results for item in group]
+    def jobs_for(self, row: Row) -> list[CaptionJob] | Failure:
+        field = self.settings.field
+        image = row.get(field)
+        if image is None or not hasattr(image, "convert"):
+            message = f"field {field!r} is missing or not an image ({type(image).__name__})"
+            return self.fail(row, "bad_input", message)
+        children = tuple(fan_out(row, j) for j in range(self.settings.variants))
+        return [CaptionJob(image.convert("RGB"), children, [self.seed_for(c) for c in children])]
 
-    def _caption(self, valid: list[tuple[int, Any, list[Row]]], results: list[list[Row | Failure]]) -> None:
+    def run_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+        captions, modes = self.backend.caption([job.image for job in jobs], [job.seeds for job in jobs])
+        return [(texts, modes) for texts in captions]
+
+    def rows_for(self, job: CaptionJob, result: CaptionResult) -> list[Row | Failure]:
         s = self.settings
-        seeds = [[self.seed_for(child) for child in children] for _, _, children in valid]
-        captions, modes = self.backend.caption([image for _, image, _ in valid], seeds)
+        texts, modes = result
         identity = self.backend.describe()
         dtype = str(self.backend.dtype).removeprefix("torch.")
-        for (i, _, children), texts, row_seeds in zip(valid, captions, seeds, strict=True):
-            for j, (child, text, seed) in enumerate(zip(children, texts, row_seeds, strict=True)):
-                if not text:
-                    results[i].append(
-                        self.fail(
-                            child,
-                            "empty_caption",
-                            f"captioner returned an empty caption (variant {j}, seed {seed})",
-                        )
-                    )
-                    continue
-                child[s.output] = text
-                record(
-                    child,
-                    self.name,
-                    **identity,
-                    field=s.field,
-                    variant_index=j,
-                    seed=seed,
-                    decoding=self._decoding(modes[j]),
-                    prompt=s.prompt,
-                    device=self.device,
-                    dtype=dtype,
-                )
-                results[i].append(child)
+        out: list[Row | Failure] = []
+        for j, (child, text, seed) in enumerate(zip(job.children, texts, job.seeds, strict=True)):
+            if not text:
+                message = f"captioner returned an empty caption (variant {j}, seed {seed})"
+                out.append(self.fail(child, "empty_caption", message))
+                continue
+            child[s.output] = text
+            record(
+                child,
+                self.name,
+                **identity,
+                field=s.field,
+                variant_index=j,
+                seed=seed,
+                decoding=self._decoding(modes[j]),
+                prompt=s.prompt,
+                device=self.device,
+                dtype=dtype,
+            )
+            out.append(child)
+        return out

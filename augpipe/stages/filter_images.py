@@ -13,8 +13,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from augpipe.methods import image_checks
+from augpipe.pipeline.families import FilterStage
 from augpipe.pipeline.rows import Failure, FieldName, Row, record
-from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.pipeline.stage import Resources, StageSettings
 
 
 class FilterImagesSettings(StageSettings):
@@ -29,7 +30,7 @@ class FilterImagesSettings(StageSettings):
     drop_grayscale: bool = True
 
 
-class FilterImages(Stage):
+class FilterImages(FilterStage):
     """Keep a row only if its image is neither (near) all black nor (near) grayscale."""
 
     name = "filter_images"
@@ -48,34 +49,29 @@ class FilterImages(Stage):
     def outputs(self) -> frozenset[str]:
         return frozenset()
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def judge(self, row: Row) -> str | Failure | None:
         s = self.settings
-        out: list[Row | Failure] = []
-        for row in rows:
-            image = row.get(s.field)
-            try:
-                if image is None:
-                    raise ValueError(f"row has no {s.field!r} field")
-                arr = image_checks.as_rgb_array(image)
-            except (ValueError, TypeError, OSError) as exc:
-                out.append(self.fail(row, "bad_input", str(exc)))
-                continue
-            scores = {
-                "score_mean_intensity": round(image_checks.mean_intensity(arr), 4),
-                "score_channel_spread": round(image_checks.channel_spread(arr), 4),
-                "score_colorfulness": round(image_checks.colorfulness(arr), 4),
-            }
-            reason = image_checks.verdict(arr, s.black_threshold, s.gray_threshold)
-            if (reason == "black" and s.drop_black) or (reason == "grayscale" and s.drop_grayscale):
-                self.stats[f"dropped:{reason}"] += 1
-                continue
-            record(
-                row,
-                self.name,
-                **scores,
-                verdict=reason or "kept",
-                black_threshold=s.black_threshold,
-                gray_threshold=s.gray_threshold,
-            )
-            out.append(row)
-        return out
+        image = row.get(s.field)
+        try:
+            if image is None:
+                raise ValueError(f"row has no {s.field!r} field")
+            arr = image_checks.as_rgb_array(image)
+        except (ValueError, TypeError, OSError) as exc:
+            return self.fail(row, "bad_input", str(exc))
+        scores = {
+            "score_mean_intensity": round(image_checks.mean_intensity(arr), 4),
+            "score_channel_spread": round(image_checks.channel_spread(arr), 4),
+            "score_colorfulness": round(image_checks.colorfulness(arr), 4),
+        }
+        reason = image_checks.verdict(arr, s.black_threshold, s.gray_threshold)
+        if (reason == "black" and s.drop_black) or (reason == "grayscale" and s.drop_grayscale):
+            return reason
+        record(
+            row,
+            self.name,
+            **scores,
+            verdict=reason or "kept",
+            black_threshold=s.black_threshold,
+            gray_threshold=s.gray_threshold,
+        )
+        return None

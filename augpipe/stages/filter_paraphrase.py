@@ -21,8 +21,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from augpipe.methods.text_distance import edit_ratio, prepare
+from augpipe.pipeline.families import FilterStage
 from augpipe.pipeline.rows import Failure, Row, record
-from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.pipeline.stage import Resources, StageSettings
 
 
 class FilterParaphraseSettings(StageSettings):
@@ -35,7 +36,7 @@ class FilterParaphraseSettings(StageSettings):
     )
 
 
-class FilterParaphrase(Stage):
+class FilterParaphrase(FilterStage):
     name: ClassVar[str] = "filter_paraphrase"
     consumes: ClassVar[frozenset[str]] = frozenset({"text", "transcript"})
     produces: ClassVar[frozenset[str]] = frozenset({"score_edit_ratio"})
@@ -46,38 +47,29 @@ class FilterParaphrase(Stage):
 
     settings: FilterParaphraseSettings
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def judge(self, row: Row) -> str | Failure | None:
         s = self.settings
-        out: list[Row | Failure] = []
-        for row in rows:
-            source, candidate = prepare(row.get("text") or "", row.get("transcript") or "", s.normalize)
-            if not source.strip():
-                out.append(
-                    self.fail(
-                        row, "empty_text", "source text is empty: no edit budget to judge a paraphrase by"
-                    )
-                )
-                continue
-            if not candidate.strip():
-                self.stats["dropped:empty"] += 1
-                continue
-            if s.drop_copies and candidate == source:
-                self.stats["dropped:copy"] += 1
-                continue
-            ratio = edit_ratio(source, candidate)
-            if ratio > s.max_edit_ratio:
-                self.stats["dropped:edit_ratio"] += 1
-                continue
-            row["score_edit_ratio"] = float(ratio)
-            record(
-                row,
-                self.name,
-                score_edit_ratio=float(ratio),
-                max_edit_ratio=s.max_edit_ratio,
-                drop_copies=s.drop_copies,
-                normalize=s.normalize,
-                unit="character Levenshtein / len(source)",
+        source, candidate = prepare(row.get("text") or "", row.get("transcript") or "", s.normalize)
+        if not source.strip():
+            return self.fail(
+                row, "empty_text", "source text is empty: no edit budget to judge a paraphrase by"
             )
-            self.stats["kept"] += 1
-            out.append(row)
-        return out
+        if not candidate.strip():
+            return "empty"
+        if s.drop_copies and candidate == source:
+            return "copy"
+        ratio = edit_ratio(source, candidate)
+        if ratio > s.max_edit_ratio:
+            return "edit_ratio"
+        row["score_edit_ratio"] = float(ratio)
+        record(
+            row,
+            self.name,
+            score_edit_ratio=float(ratio),
+            max_edit_ratio=s.max_edit_ratio,
+            drop_copies=s.drop_copies,
+            normalize=s.normalize,
+            unit="character Levenshtein / len(source)",
+        )
+        self.stats["kept"] += 1
+        return None

@@ -25,28 +25,17 @@ from __future__ import annotations
 
 import string
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from augpipe.pipeline.families import GeneratorStage
 from augpipe.pipeline.models import ModelNotFoundError
 from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
-from augpipe.pipeline.stage import Backend, Resources, Stage, StageSettings
-
-
-def template_fields(template: str) -> list[str]:
-    """The placeholder names of a ``str.format`` template; only plain identifiers are allowed."""
-    names = []
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(
-                f"prompt_template placeholder {{{name}}} must be a plain field name like {{caption}}"
-            )
-        names.append(name)
-    return names
+from augpipe.pipeline.stage import Backend, Resources, StageSettings
+from augpipe.stages._fields import label_name, template_fields
 
 
 class GenerateImageSettings(StageSettings):
@@ -91,22 +80,6 @@ class GenerateImageSettings(StageSettings):
             if value is not None and value % 8:
                 raise ValueError(f"{side} must be a multiple of 8, got {value}")
         return self
-
-
-def label_name(row: Row, label_names: tuple[str, ...] | None) -> str | None:
-    if isinstance(row.get("label_name"), str):
-        return row["label_name"]
-    label = row.get("label")
-    if isinstance(label, str):
-        return label
-    if label_names is not None and label is not None and not isinstance(label, bool):
-        try:
-            index = int(label)
-        except (TypeError, ValueError):
-            return None
-        if 0 <= index < len(label_names):
-            return label_names[index]
-    return None
 
 
 def _has_fp16_variant(path: Path | None) -> bool:
@@ -310,7 +283,20 @@ class TinyGenerator(DiffusersGenerator):
         return info
 
 
-class GenerateImage(Stage):
+ImageResult = tuple[Any, bool | None]
+"""One generated image and whether the pipeline's safety checker blacked it out (None: no checker)."""
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to generate: the fan-out child it fills, its prompt and its seed."""
+
+    child: Row
+    prompt: str
+    seed: int
+
+
+class GenerateImage(GeneratorStage[ImageJob, ImageResult]):
     """Imagine ``variants`` images per text; see the module docstring."""
 
     name = "generate_image"
@@ -365,53 +351,47 @@ class GenerateImage(Stage):
             return tuple(source.size) if hasattr(source, "size") and hasattr(source, "convert") else None
         return s.resize_to
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def jobs_for(self, row: Row) -> list[ImageJob] | Failure:
+        try:
+            prompt = self._prompt(row)
+        except ValueError as exc:
+            return self.fail(row, "bad_input", str(exc))
+        children = [fan_out(row, j) for j in range(self.settings.variants)]
+        return [ImageJob(child, prompt, self.seed_for(child)) for child in children]
+
+    def run_jobs(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        images, nsfw = self.backend.generate([job.prompt for job in jobs], [job.seed for job in jobs])
+        return list(zip(images, nsfw, strict=True))
+
+    def rows_for(self, job: ImageJob, result: ImageResult) -> list[Row]:
         from PIL import Image
 
         s = self.settings
-        results: list[list[Row | Failure]] = [[] for _ in rows]  # per input row, so order is kept
-        children: list[tuple[int, Row, str, int]] = []
-        for i, row in enumerate(rows):
-            try:
-                prompt = self._prompt(row)
-            except ValueError as exc:
-                results[i].append(self.fail(row, "bad_input", str(exc)))
-                continue
-            for j in range(s.variants):
-                child = fan_out(row, j)
-                children.append((i, child, prompt, self.seed_for(child)))
-        if not children:
-            return [item for group in results for item in group]
-
-        images, nsfw = self.backend.generate([c[2] for c in children], [c[3] for c in children])
-        identity = self.backend.describe()
-        scheduler = self.backend.scheduler_name()
-        dtype = str(self.backend.dtype).removeprefix("torch.")
-        for (i, child, prompt, seed), image, flagged in zip(children, images, nsfw, strict=True):
-            image = image.convert("RGB")
-            generated_size = image.size
-            target = self._target_size(child)
-            if target is not None and tuple(target) != image.size:
-                image = image.resize(tuple(target), Image.Resampling.LANCZOS)
-            child[s.output] = image
-            child[s.prompt_output] = prompt
-            record(
-                child,
-                self.name,
-                **identity,
-                variant_index=child["variant"][-1],
-                seed=seed,
-                prompt=prompt,
-                prompt_template=s.prompt_template,
-                negative_prompt=s.negative_prompt,
-                steps=s.steps,
-                guidance_scale=s.guidance_scale,
-                scheduler=scheduler,
-                generated_size=list(generated_size),
-                size=list(image.size),
-                nsfw_blacked_out=flagged,
-                device=self.device,
-                dtype=dtype,
-            )
-            results[i].append(child)
-        return [item for group in results for item in group]
+        child = job.child
+        image, flagged = result
+        image = image.convert("RGB")
+        generated_size = image.size
+        target = self._target_size(child)
+        if target is not None and tuple(target) != image.size:
+            image = image.resize(tuple(target), Image.Resampling.LANCZOS)
+        child[s.output] = image
+        child[s.prompt_output] = job.prompt
+        record(
+            child,
+            self.name,
+            **self.backend.describe(),
+            variant_index=child["variant"][-1],
+            seed=job.seed,
+            prompt=job.prompt,
+            prompt_template=s.prompt_template,
+            negative_prompt=s.negative_prompt,
+            steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            scheduler=self.backend.scheduler_name(),
+            generated_size=list(generated_size),
+            size=list(image.size),
+            nsfw_blacked_out=flagged,
+            device=self.device,
+            dtype=str(self.backend.dtype).removeprefix("torch."),
+        )
+        return [child]

@@ -21,34 +21,9 @@ from pydantic import Field, model_validator
 
 from augpipe.pipeline.rows import Failure, Row, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.stages._fields import read_audio
 
 MIN_SAMPLES = 64
-
-
-def read_audio(row: Row, stage: Stage) -> tuple[np.ndarray, int] | Failure:
-    """The row's audio as float32 mono and its sample rate, or a Failure of ``stage`` naming what is wrong."""
-    audio, rate = row.get("audio"), row.get("sample_rate")
-
-    def fail(cause: str, message: str) -> Failure:
-        return stage.fail(row, cause, message)
-
-    if audio is None:
-        return fail("empty_audio", "the row has no audio")
-    try:
-        samples = np.asarray(audio, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        return fail("bad_audio", f"audio is not numeric: {exc}")
-    if samples.ndim == 2 and 1 in samples.shape:
-        samples = samples.reshape(-1)
-    if samples.ndim != 1:
-        return fail("bad_audio", f"audio must be mono (1-D), got shape {samples.shape}")
-    if samples.size == 0:
-        return fail("empty_audio", "audio has no samples")
-    if not np.all(np.isfinite(samples)):
-        return fail("bad_audio", "audio holds NaN or infinite samples")
-    if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or not 1000 <= int(rate) <= 384_000:
-        return fail("bad_audio", f"sample_rate {rate!r} is not a plausible rate in Hz")
-    return samples, int(rate)
 
 
 class PerturbAudioSettings(StageSettings):

@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 
 from augpipe.pipeline.rows import Failure, FieldName, Row, record
 from augpipe.pipeline.stage import Backend, Resources, Stage, StageContext, StageSettings
+from augpipe.stages._fields import label_name, template_fields
 from augpipe.stages.embed import (
     ClipBackend,
     EfficientNetLite0Backend,
@@ -44,7 +45,6 @@ from augpipe.stages.embed import (
     TinyClipBackend,
     l2_normalize,
 )
-from augpipe.stages.generate_image import label_name, template_fields
 
 CLIP_SCORES = ("score_clip_source", "score_clip_label")
 TOPK_SCORES = ("score_topk_agreement", "score_top1_in_topk", "score_feature_source")

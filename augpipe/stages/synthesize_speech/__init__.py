@@ -16,12 +16,14 @@ holds the settings and the interface they share.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from augpipe.pipeline.families import GeneratorStage
 from augpipe.pipeline.rows import Failure, Row, fan_out, record
-from augpipe.pipeline.stage import Backend, Resources, Stage
+from augpipe.pipeline.stage import Backend, Resources
 from augpipe.stages.synthesize_speech.base import SpeechBackend, Synthesis, SynthesizeSpeechSettings, Voicing
 from augpipe.stages.synthesize_speech.coqui import COQUI_INSTALL, CoquiBackend, coqui_models_dir
 from augpipe.stages.synthesize_speech.espeak import EspeakBackend
@@ -45,7 +47,21 @@ __all__ = [
 ]
 
 
-class SynthesizeSpeech(Stage):
+SpeechResult = Synthesis | Exception
+"""What the backend returns per utterance: the audio, or the error that one utterance raised."""
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """One utterance to synthesise: the fan-out child it fills, its voicing index, text and prosody."""
+
+    child: Row
+    index: int
+    text: str
+    voicing: Voicing
+
+
+class SynthesizeSpeech(GeneratorStage[SpeechJob, SpeechResult]):
     """Speak each row's ``text`` ``variants`` times; see the module docstring."""
 
     name = "synthesize_speech"
@@ -61,6 +77,7 @@ class SynthesizeSpeech(Stage):
         "tiny": TinyBackend,
     }
     default_backend = "piper"
+    checks_first = True
     settings: SynthesizeSpeechSettings
     backend: SpeechBackend
 
@@ -79,47 +96,42 @@ class SynthesizeSpeech(Stage):
         pitch = int(rng.integers(s.pitch_range[0], s.pitch_range[1] + 1))
         return Voicing(length_scale, noise, s.noise_w_scale, speaker, pitch, seed)
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def jobs_for(self, row: Row) -> list[SpeechJob] | Failure:
         s = self.settings
-        out: list[Row | Failure] = []
-        jobs: list[tuple[Row, int, str, Voicing]] = []
-        for row in rows:
-            text = row.get("text")
-            if not isinstance(text, str) or not text.strip():
-                out.append(self.fail(row, "empty_text", "no text to speak"))
-                continue
-            text = " ".join(text.split())
-            if len(text) > s.max_chars:
-                message = f"{len(text)} characters, more than max_chars={s.max_chars}"
-                out.append(self.fail(row, "text_too_long", message))
-                continue
-            for i in range(s.variants):
-                child = fan_out(row, i)
-                jobs.append((child, i, text, self._voicing(child, i)))
-        results = self.backend.synthesize([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
-        for (child, index, _, voicing), result in zip(jobs, results, strict=True):
-            if isinstance(result, Exception):
-                message = f"{type(result).__name__}: {result}"
-                out.append(self.fail(child, "tts_error", message))
-                continue
-            audio = np.asarray(result.audio, dtype=np.float32).reshape(-1)
-            if audio.size == 0 or not np.all(np.isfinite(audio)) or not np.any(audio):
-                message = f"the {self.backend.name} backend returned {audio.size} samples, none usable"
-                out.append(self.fail(child, "silent_output", message))
-                continue
-            child["audio"] = np.clip(audio, -1.0, 1.0)
-            child["sample_rate"] = int(result.sample_rate)
-            record(
-                child,
-                self.name,
-                backend=self.backend.name,
-                model=self.describe().get("model"),
-                index=index,
-                seed=voicing.seed,
-                sample_rate=int(result.sample_rate),
-                duration_s=round(audio.size / result.sample_rate, 4),
-                **result.applied,
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            return self.fail(row, "empty_text", "no text to speak")
+        text = " ".join(text.split())
+        if len(text) > s.max_chars:
+            return self.fail(
+                row, "text_too_long", f"{len(text)} characters, more than max_chars={s.max_chars}"
             )
-            self.stats["utterances"] += 1
-            out.append(child)
-        return out
+        children = [fan_out(row, i) for i in range(s.variants)]
+        return [SpeechJob(child, i, text, self._voicing(child, i)) for i, child in enumerate(children)]
+
+    def run_jobs(self, jobs: list[SpeechJob]) -> list[SpeechResult]:
+        return self.backend.synthesize([j.text for j in jobs], [j.voicing for j in jobs])
+
+    def rows_for(self, job: SpeechJob, result: SpeechResult) -> list[Row | Failure]:
+        child = job.child
+        if isinstance(result, Exception):
+            return [self.fail(child, "tts_error", f"{type(result).__name__}: {result}")]
+        audio = np.asarray(result.audio, dtype=np.float32).reshape(-1)
+        if audio.size == 0 or not np.all(np.isfinite(audio)) or not np.any(audio):
+            message = f"the {self.backend.name} backend returned {audio.size} samples, none usable"
+            return [self.fail(child, "silent_output", message)]
+        child["audio"] = np.clip(audio, -1.0, 1.0)
+        child["sample_rate"] = int(result.sample_rate)
+        record(
+            child,
+            self.name,
+            backend=self.backend.name,
+            model=self.describe().get("model"),
+            index=job.index,
+            seed=job.voicing.seed,
+            sample_rate=int(result.sample_rate),
+            duration_s=round(audio.size / result.sample_rate, 4),
+            **result.applied,
+        )
+        self.stats["utterances"] += 1
+        return [child]

@@ -29,13 +29,15 @@ Audio that is missing, empty, not mono, non-finite, or longer than ``max_seconds
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from augpipe.pipeline.families import GeneratorStage
 from augpipe.pipeline.rows import Failure, Row, fan_out, record
-from augpipe.pipeline.stage import Backend, Resources, Stage
-from augpipe.stages.perturb_audio import read_audio
+from augpipe.pipeline.stage import Backend, Resources
+from augpipe.stages._fields import read_audio
 from augpipe.stages.transcribe.base import (
     ASR_RATE,
     WHISPER_WINDOW_S,
@@ -65,7 +67,23 @@ __all__ = [
 ]
 
 
-class Transcribe(Stage):
+AsrResult = list[Hypothesis] | Exception
+"""What the backend returns per input: one hypothesis per variant, or the error that input raised."""
+
+
+@dataclass(frozen=True)
+class AsrJob:
+    """One utterance to transcribe: its source row, 16 kHz audio, the children its variants fill (with
+    their seeds) and whether Whisper's 30 s window cuts it."""
+
+    row: Row
+    audio: np.ndarray
+    children: tuple[Row, ...]
+    seeds: list[int]
+    truncated: bool
+
+
+class Transcribe(GeneratorStage[AsrJob, AsrResult]):
     """Transcribe each row's ``audio`` ``variants`` times; see the module docstring."""
 
     name = "transcribe"
@@ -81,61 +99,51 @@ class Transcribe(Stage):
         "tiny": TinyWhisperBackend,
     }
     default_backend = "faster_whisper"
+    checks_first = True
     settings: TranscribeSettings
     backend: AsrBackend
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def jobs_for(self, row: Row) -> list[AsrJob] | Failure:
         import librosa
 
         s = self.settings
+        read = read_audio(row, self)
+        if isinstance(read, Failure):
+            return read
+        audio, rate = read
+        duration = audio.size / rate
+        if duration > s.max_seconds:
+            message = f"{duration:.1f} s of audio, more than max_seconds={s.max_seconds}"
+            return self.fail(row, "audio_too_long", message)
+        if rate != ASR_RATE:
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=ASR_RATE, res_type="soxr_hq")
+        children = tuple(fan_out(row, j) for j in range(s.variants))
+        truncated = duration > WHISPER_WINDOW_S and self.backend.name != "pocketsphinx"
+        audio = np.ascontiguousarray(audio, np.float32)
+        return [AsrJob(row, audio, children, [self.seed_for(c) for c in children], truncated)]
+
+    def run_jobs(self, jobs: list[AsrJob]) -> list[AsrResult]:
+        return self.backend.transcribe([j.audio for j in jobs], [j.seeds for j in jobs])
+
+    def rows_for(self, job: AsrJob, result: AsrResult) -> list[Row | Failure]:
+        if isinstance(result, Exception):
+            return [self.fail(job.row, "asr_error", f"{type(result).__name__}: {result}")]
         out: list[Row | Failure] = []
-        jobs: list[tuple[Row, np.ndarray, list[Row], list[int], bool]] = []
-        for row in rows:
-            read = read_audio(row, self)
-            if isinstance(read, Failure):
-                out.append(read)
-                continue
-            audio, rate = read
-            duration = audio.size / rate
-            if duration > s.max_seconds:
-                message = f"{duration:.1f} s of audio, more than max_seconds={s.max_seconds}"
-                out.append(self.fail(row, "audio_too_long", message))
-                continue
-            if rate != ASR_RATE:
-                audio = librosa.resample(audio, orig_sr=rate, target_sr=ASR_RATE, res_type="soxr_hq")
-            children = [fan_out(row, j) for j in range(s.variants)]
-            truncated = duration > WHISPER_WINDOW_S and self.backend.name != "pocketsphinx"
-            jobs.append(
-                (
-                    row,
-                    np.ascontiguousarray(audio, np.float32),
-                    children,
-                    [self.seed_for(c) for c in children],
-                    truncated,
-                )
+        for index, (child, hyp) in enumerate(zip(job.children, result, strict=True)):
+            child["transcript"] = hyp.text
+            if not hyp.text:
+                self.stats["empty_transcript"] += 1
+            if job.truncated:
+                self.stats["truncated_to_30s"] += 1
+            record(
+                child,
+                self.name,
+                backend=self.backend.name,
+                model=self.describe().get("model"),
+                index=index,
+                language=self.settings.language,
+                truncated=job.truncated,
+                **hyp.info,
             )
-        results = self.backend.transcribe([j[1] for j in jobs], [j[3] for j in jobs]) if jobs else []
-        model = self.describe().get("model")
-        for (row, _, children, _, truncated), result in zip(jobs, results, strict=True):
-            if isinstance(result, Exception):
-                message = f"{type(result).__name__}: {result}"
-                out.append(self.fail(row, "asr_error", message))
-                continue
-            for index, (child, hyp) in enumerate(zip(children, result, strict=True)):
-                child["transcript"] = hyp.text
-                if not hyp.text:
-                    self.stats["empty_transcript"] += 1
-                if truncated:
-                    self.stats["truncated_to_30s"] += 1
-                record(
-                    child,
-                    self.name,
-                    backend=self.backend.name,
-                    model=model,
-                    index=index,
-                    language=s.language,
-                    truncated=truncated,
-                    **hyp.info,
-                )
-                out.append(child)
+            out.append(child)
         return out
