@@ -156,9 +156,9 @@ def _embed_stage(field_name: str, options: dict[str, Any]) -> Stage:
 
 def _embedded_in_process(stream: _Stream, stage: Stage, output: str) -> Corpus:
     corpus = Corpus(stream.role, stream.path)
-    size = stage.effective_batch_size()
     for result in stream.results():
         corpus.unreadable.extend(result.failures)
+        size = stage.effective_batch_size() or max(len(result.rows), 1)
         for start in range(0, len(result.rows), size):
             for row in stage.process_batch(result.rows[start : start + size]):
                 if isinstance(row, Failure):

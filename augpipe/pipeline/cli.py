@@ -265,7 +265,7 @@ def stages(as_json: bool) -> None:
         click.echo(
             f"{stage['name']:20s} backends: {', '.join(stage['backends']) or '-'}; "
             f"default: {stage['default_backend'] or '-'}; "
-            f"cpus {r['cpus']}, gpus {r['gpus']}, batch {stage['batch_size']}"
+            f"cpus {r['cpus']}, gpus {r['gpus']}, batch {stage['batch_size'] or 'whole shard'}"
         )
 
 

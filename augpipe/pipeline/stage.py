@@ -6,7 +6,8 @@ A stage is one class in one module of ``augpipe.stages``. It declares as data:
 - ``reads_context``: the run-wide values (``StageContext``) besides the seed that shape its output, which
   the base ``fingerprint`` hashes, so a stage never writes its own cache key;
 - ``Settings``: a pydantic model of its options (unknown keys are errors, named by the recipe loader);
-- ``resources`` and ``batch_size``: defaults the executor sizes actors with, overridable per recipe;
+- ``resources`` and ``batch_size``: defaults the executor sizes actors with, overridable per recipe
+  (``batch_size`` None: the whole shard in one call, for stages that draw pools within a shard);
 - ``backends``: interchangeable implementations chosen by ``settings.backend``.
 
 The engine calls ``check()`` on the driver before any worker starts (is the model there?), then
@@ -132,7 +133,8 @@ class Stage:
     produces: ClassVar[frozenset[str]] = frozenset()
     Settings: ClassVar[type[StageSettings]] = StageSettings
     resources: ClassVar[Resources] = Resources()
-    batch_size: ClassVar[int] = 16
+    batch_size: ClassVar[int | None] = 16
+    """Rows per ``process_batch`` call; None is whole-shard scope: every row of a shard in one call."""
     backends: ClassVar[dict[str, type[Backend]]] = {}
     default_backend: ClassVar[str | None] = None
     cacheable: ClassVar[bool] = True
@@ -190,7 +192,8 @@ class Stage:
         """Fields this instance writes; checked against later stages' inputs when a recipe is built."""
         return self.produces
 
-    def effective_batch_size(self) -> int:
+    def effective_batch_size(self) -> int | None:
+        """The recipe's ``batch_size``, else the declared one (None: the whole shard)."""
         return self.settings.batch_size or self.batch_size
 
     def check(self) -> None:

@@ -111,8 +111,11 @@ def read_cached(out: Store, parquet: str, history_file: str, run_id: str) -> tup
     return rows, history
 
 
-def batches_by_key(rows: list[Row], size: int) -> Iterator[list[Row]]:
-    """Batches of about ``size`` rows that never split one source's rows (``select`` needs them whole)."""
+def batches_by_key(rows: list[Row], size: int | None) -> Iterator[list[Row]]:
+    """Batches of about ``size`` rows that never split one source's rows (``select`` needs them whole);
+    ``size`` None (whole-shard scope) gives every row in one batch, grouped by source the same way."""
+    if size is None:
+        size = len(rows)
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(row["key"], []).append(row)

@@ -34,15 +34,8 @@ from pydantic import Field
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
 from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.interpolate import (
-    WHOLE_SHARD,
-    as_vector,
-    row_ident,
-    shard_seed,
-    soft_label_json,
-    sorted_rows,
-)
-from augpipe.stages.mixup import label_matrix
+from augpipe.stages._fields import as_vector
+from augpipe.stages._pools import label_matrix, row_ident, shard_seed, soft_label_json, sorted_rows
 
 NORM_EPS = 1e-12
 
@@ -83,7 +76,7 @@ class GeodesicMixup(Stage):
     produces: ClassVar[frozenset[str]] = frozenset({"generated_image_embedding"})
     Settings: ClassVar[type[StageSettings]] = GeodesicMixupSettings
     resources: ClassVar[Resources] = Resources(cpus=0.5, gpus=0.0, memory_gb=1.0)
-    batch_size: ClassVar[int] = WHOLE_SHARD
+    batch_size: ClassVar[int | None] = None  # the whole shard: partners are drawn within it
     reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: GeodesicMixupSettings

@@ -35,9 +35,10 @@ run would recompute everything. The paper's pool is a shuffled mini-batch of 128
 random sample of the corpus (WebDataset and img2dataset shards are shuffled) a random subset of a shard
 is a random subset of the corpus, so the per-shard pool is the paper's per-mini-batch pool. On a shard
 sorted by class the pools are too. The stage therefore takes a whole shard per call (``batch_size``
-1,000,000: keep the execution batch at least the shard size). The permutation seed derives from the
-run seed and the shard's keys, so a resumed shard reproduces its outputs. The last pool of a pass may
-be smaller than ``pool_size`` (a lone anchor reproduces itself; counted as ``singleton_pools``). A
+None, the contract's whole-shard scope; a recipe's ``batch_size`` would cut the shard into smaller
+pools). The permutation seed derives from the run seed and the shard's keys, so a resumed shard
+reproduces its outputs. The last pool of a pass may be smaller than ``pool_size`` (a lone anchor
+reproduces itself; counted as ``singleton_pools``). A
 shard of at most ``pool_size`` rows (or, with ``pool: cluster``, a cluster that small) is one pool in
 every pass, so an anchor's k outputs are the same image: the paper's pool assumes a corpus much larger
 than 128. Such outputs are counted as ``repeated_pool_outputs``; lower ``pool_size`` for small shards.
@@ -49,94 +50,25 @@ size; the embedding models' ids are already in the row's lineage from ``embed``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import Field, model_validator
 
 from augpipe.methods.cmda import EPS, iter_offline_batches, resolve_mode, soft_labels
-from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
+from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-
-WHOLE_SHARD = 1_000_000
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers shared with the mixup baselines
-# ----------------------------------------------------------------------------------------------------
-
-
-def row_ident(row: Row) -> str:
-    """How lineage names a row: its key, plus its variant when an earlier stage fanned out."""
-    variant = row.get("variant", ())
-    return row["key"] if not variant else f"{row['key']}:{'-'.join(map(str, variant))}"
-
-
-def shard_seed(run_seed: int, rows: Sequence[Row], stage: str) -> int:
-    """A seed for work on a whole shard, from the run seed and the shard's row identities (order-free)."""
-    digest = hashlib.sha256("\n".join(sorted(row_ident(r) for r in rows)).encode()).hexdigest()[:16]
-    return derive_seed(run_seed, f"shard:{digest}", stage)
-
-
-def sorted_rows(rows: Sequence[Row]) -> list[Row]:
-    """Rows in a canonical order (key, variant), so outputs do not depend on the order rows arrive in."""
-    return sorted(rows, key=lambda r: (r["key"], tuple(r.get("variant", ()))))
-
-
-def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """``image`` scaled (bicubic) to cover ``size`` = (width, height), then centre-cropped to it."""
-    image = image if image.mode == "RGB" else image.convert("RGB")
-    if image.size == size:
-        return image
-    w, h = size
-    scale = max(w / image.width, h / image.height)
-    nw, nh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
-    resized = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return resized.crop((left, top, left + w, top + h))
-
-
-def to_image(pixels: np.ndarray) -> Image.Image:
-    """A float H×W×3 array as a PIL RGB image, rounded and clipped to 0..255."""
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
-
-
-def is_image(value: Any) -> bool:
-    return isinstance(value, Image.Image)
-
-
-def as_vector(value: Any) -> np.ndarray | None:
-    """A finite 1-D float32 vector, or None when the value is missing, empty or not finite."""
-    if value is None or isinstance(value, str | bytes | dict) or is_image(value):
-        return None
-    try:
-        vector = np.asarray(value, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        return None
-    return vector if vector.size and np.isfinite(vector).all() else None
-
-
-def class_index(rows: Sequence[Row]) -> tuple[list[str], np.ndarray]:
-    """Sorted class names (labels as strings) and each row's class index, −1 for an unlabelled row."""
-    classes = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
-    lookup = {c: i for i, c in enumerate(classes)}
-    idx = np.array([lookup[str(r["label"])] if r.get("label") is not None else -1 for r in rows], np.int64)
-    return classes, idx
-
-
-def soft_label_json(weights: np.ndarray, classes: Sequence[str]) -> str | None:
-    """{label: weight} of the non-zero classes as a JSON string (sorted keys); None when all are zero."""
-    if not np.any(weights > 0):
-        return None
-    return json.dumps({classes[c]: float(weights[c]) for c in np.flatnonzero(weights > 0)}, sort_keys=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stage
-# ----------------------------------------------------------------------------------------------------
+from augpipe.stages._fields import as_vector, is_image
+from augpipe.stages._pools import (
+    class_index,
+    fit_image,
+    row_ident,
+    shard_seed,
+    soft_label_json,
+    sorted_rows,
+    to_image,
+)
 
 
 class InterpolateSettings(StageSettings):
@@ -207,7 +139,7 @@ class Interpolate(Stage):
     produces: ClassVar[frozenset[str]] = frozenset({"generated_image"})
     Settings: ClassVar[type[StageSettings]] = InterpolateSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
-    batch_size: ClassVar[int] = WHOLE_SHARD
+    batch_size: ClassVar[int | None] = None  # the whole shard: pools are drawn within it
     reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: InterpolateSettings

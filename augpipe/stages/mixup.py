@@ -27,12 +27,10 @@ from pydantic import Field
 from augpipe.methods.mixup import mix_pair, mixup_batch
 from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
-from augpipe.stages.interpolate import (
-    WHOLE_SHARD,
-    as_vector,
-    class_index,
+from augpipe.stages._fields import as_vector, is_image
+from augpipe.stages._pools import (
     fit_image,
-    is_image,
+    label_matrix,
     row_ident,
     shard_seed,
     soft_label_json,
@@ -53,22 +51,13 @@ class MixupSettings(StageSettings):
         return self.output or f"generated_{self.field}"
 
 
-def label_matrix(rows: list[Row]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Classes, one-hot labels (n×C, zero rows for unlabelled rows) and which rows are labelled."""
-    classes, idx = class_index(rows)
-    onehot = np.zeros((len(rows), len(classes)), dtype=np.float64)
-    labelled = idx >= 0
-    onehot[np.flatnonzero(labelled), idx[labelled]] = 1.0
-    return classes, onehot, labelled
-
-
 class Mixup(Stage):
     name: ClassVar[str] = "mixup"
     consumes: ClassVar[frozenset[str]] = frozenset({"image"})
     produces: ClassVar[frozenset[str]] = frozenset({"generated_image", "soft_label"})
     Settings: ClassVar[type[StageSettings]] = MixupSettings
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
-    batch_size: ClassVar[int] = WHOLE_SHARD
+    batch_size: ClassVar[int | None] = None  # the whole shard: partners are drawn within it
     reads_context: ClassVar[tuple[str, ...]] = ("multiple",)  # k outputs per pool
 
     settings: MixupSettings

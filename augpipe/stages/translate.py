@@ -53,8 +53,8 @@ from augpipe.methods.translation import (
 )
 from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
+from augpipe.stages._fields import as_vector
 from augpipe.stages.embed import l2_normalize
-from augpipe.stages.interpolate import as_vector
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "translator.safetensors"
