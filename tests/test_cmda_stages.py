@@ -17,6 +17,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from augpipe.methods.cmda import cluster_batches, cmda_weights, generate, permuted_batches, select_gmm_bic
+from augpipe.methods.latent import supcon_loss
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
 from augpipe.pipeline.config import load_recipe
 from augpipe.pipeline.inputs import discover_inputs
@@ -28,7 +29,7 @@ from augpipe.stages.cluster import Cluster
 from augpipe.stages.embed import Embed
 from augpipe.stages.geodesic_mixup import GeodesicMixup
 from augpipe.stages.interpolate import Interpolate, fit_image
-from augpipe.stages.latent_space import LatentSpace, supcon_loss
+from augpipe.stages.latent_space import LatentSpace
 from augpipe.stages.mixup import Mixup
 
 K = 3

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from augpipe.methods.latent import HeadsConfig, projection_head, scaler, train_heads
 from augpipe.pipeline.rows import Failure, FieldName, Row, derive_seed, record
 from augpipe.pipeline.stage import GlobalStageSettings, Resources, Stage, StageSettings
 
@@ -94,51 +95,6 @@ class LatentSpaceSettings(GlobalStageSettings):
         return self
 
 
-def supcon_loss(
-    features: Any, labels: Any | None = None, *, temperature: float = 0.5, base_temperature: float = 0.07
-) -> Any:
-    """SupCon (``losses.py``, contrast_mode "all") on ``features`` (B, views, d), rows L2-normalised.
-
-    ``labels`` None is SimCLR: the positives of view v of sample i are its other views. With labels,
-    every view of every same-label sample is a positive. Self-contrast is masked out; the denominator
-    holds all other B·views − 1 embeddings. Every anchor has a positive (its other view), so the mean
-    over positives is always defined.
-    """
-    import torch
-
-    batch, views = features.shape[0], features.shape[1]
-    if labels is None:
-        mask = torch.eye(batch, dtype=features.dtype, device=features.device)
-    else:
-        labels = labels.reshape(-1, 1)
-        mask = (labels == labels.T).to(features.dtype)
-    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
-    logits = contrast @ contrast.T / temperature
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    mask = mask.repeat(views, views)
-    not_self = 1.0 - torch.eye(batch * views, dtype=features.dtype, device=features.device)
-    mask = mask * not_self
-    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(dim=1, keepdim=True))
-    mean_log_prob_pos = (mask * log_prob).sum(dim=1) / mask.sum(dim=1)
-    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
-
-
-def _head(in_dim: int, hidden: int, dim: int) -> Any:
-    from torch import nn
-
-    if hidden == 0:
-        return nn.Linear(in_dim, dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-
-def _scaler(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) per feature; identity when off. A constant feature keeps std 1 (it is only centred)."""
-    if not standardize:
-        return np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
-    std = x.std(axis=0)
-    return x.mean(axis=0).astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
-
-
 def _stack(values: list[Any]) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]).astype(np.float32)
 
@@ -187,41 +143,24 @@ class LatentSpace(Stage):
         classes = {c: i for i, c in enumerate(sorted({str(v) for v in values}))}
         return np.array([classes[str(v)] for v in values], dtype=np.int64)
 
-    def _loss_over(self, xs: Any, xt: Any, labels: Any, order: Any) -> float:
-        """Mean per-batch loss over the corpus in ``order`` (no gradients), batch-size weighted."""
-        import torch
-
+    def _config(self) -> HeadsConfig:
         s = self.settings
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(order), s.train_batch_size):
-                idx = order[start : start + s.train_batch_size]
-                if len(idx) < 2:
-                    continue
-                loss = self._batch_loss(xs, xt, labels, idx)
-                total += float(loss) * len(idx)
-                count += len(idx)
-        return total / max(count, 1)
-
-    def _batch_loss(self, xs: Any, xt: Any, labels: Any, idx: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        assert self.heads is not None
-        zs = F.normalize(self.heads["student"](xs[idx]), dim=1)
-        zt = F.normalize(self.heads["teacher"](xt[idx]), dim=1)
-        s = self.settings
-        return supcon_loss(
-            torch.stack([zs, zt], dim=1),
-            None if labels is None else labels[idx],
+        return HeadsConfig(
+            dim=s.dim,
+            hidden=s.hidden,
             temperature=s.temperature,
             base_temperature=s.base_temperature,
+            epochs=s.epochs,
+            max_steps=s.max_steps,
+            lr=s.lr,
+            optimizer=s.optimizer,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            batch_size=s.train_batch_size,
         )
 
     def fit(self, columns: dict[str, list[Any]], artifact_dir: Path) -> dict[str, Any]:
         """Train both heads on every row that has both features; save them; return the loss summary."""
-        import torch
-
         s = self.settings
         keep = [
             i
@@ -234,77 +173,30 @@ class LatentSpace(Stage):
             "student": _stack([columns[s.student][i] for i in keep]),
             "teacher": _stack([columns[s.teacher][i] for i in keep]),
         }
-        self.scalers = {side: _scaler(x, s.standardize) for side, x in raw.items()}
-        xs_np, xt_np = (self._scaled(side, raw[side]) for side in ("student", "teacher"))
+        self.scalers = {side: scaler(x, s.standardize) for side, x in raw.items()}
+        xs, xt = (self._scaled(side, raw[side]) for side in ("student", "teacher"))
         label_values = columns.get(s.label_field, [None] * len(columns[s.student]))
-        labels_np = self._labels([label_values[i] for i in keep])
-        seed = self.seed
-        device = self.device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed % 2**63)
-            self.heads = {
-                "student": _head(xs_np.shape[1], s.hidden, s.dim).to(device),
-                "teacher": _head(xt_np.shape[1], s.hidden, s.dim).to(device),
-            }
-        xs = torch.from_numpy(xs_np).to(device)
-        xt = torch.from_numpy(xt_np).to(device)
-        labels = None if labels_np is None else torch.from_numpy(labels_np).to(device)
-        params = [p for head in self.heads.values() for p in head.parameters()]
-        if s.optimizer == "sgd":
-            opt: Any = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-        steps_per_epoch = max(
-            1, sum(1 for a in range(0, len(keep), s.train_batch_size) if len(keep) - a >= 2)
-        )
-        total_steps = s.epochs * steps_per_epoch
-        if s.max_steps is not None:
-            total_steps = min(total_steps, s.max_steps)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=s.lr / 100)
-        gen = torch.Generator().manual_seed(seed % 2**63)
-        identity = torch.arange(len(keep), device=device)
-        initial = self._loss_over(xs, xt, labels, identity)
-        epoch_losses = []
-        steps = 0
-        while steps < total_steps:
-            order = torch.randperm(len(keep), generator=gen)
-            total, count = 0.0, 0
-            for start in range(0, len(keep), s.train_batch_size):
-                idx = order[start : start + s.train_batch_size].to(device)
-                if len(idx) < 2:  # a lone pair has no negative: its loss is 0 and teaches nothing
-                    continue
-                if steps == total_steps:
-                    break
-                steps += 1
-                loss = self._batch_loss(xs, xt, labels, idx)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-            epoch_losses.append(total / max(count, 1))
-        for head in self.heads.values():
-            head.eval()
-        final = self._loss_over(xs, xt, labels, identity)
+        labels = self._labels([label_values[i] for i in keep])
+        trained = train_heads(xs, xt, labels, self._config(), self.seed, self.device)
+        self.heads = trained.heads
         summary = {
             "rows": len(keep),
             "skipped_rows": len(columns[s.student]) - len(keep),
             "student": s.student,
             "teacher": s.teacher,
-            "student_dim": int(xs_np.shape[1]),
-            "teacher_dim": int(xt_np.shape[1]),
+            "student_dim": int(xs.shape[1]),
+            "teacher_dim": int(xt.shape[1]),
             "dim": s.dim,
             "epochs": s.epochs,
-            "steps": steps,
+            "steps": trained.steps,
             "max_steps": s.max_steps,
-            "supervised": labels_np is not None,
-            "classes": None if labels_np is None else int(labels_np.max() + 1),
-            "seed": seed,
-            "initial_loss": initial,
-            "final_loss": final,
+            "supervised": labels is not None,
+            "classes": None if labels is None else int(labels.max() + 1),
+            "seed": self.seed,
+            "initial_loss": trained.initial_loss,
+            "final_loss": trained.final_loss,
         }
-        self._save(artifact_dir, summary, epoch_losses)
+        self._save(artifact_dir, summary, trained.epoch_losses)
         self.fitted = summary
         return summary
 
@@ -356,8 +248,8 @@ class LatentSpace(Stage):
         tensors = load_file(str(artifact_dir / WEIGHTS_FILE))
         s = self.settings
         self.heads = {
-            "student": _head(summary["student_dim"], s.hidden, s.dim),
-            "teacher": _head(summary["teacher_dim"], s.hidden, s.dim),
+            "student": projection_head(summary["student_dim"], s.hidden, s.dim),
+            "teacher": projection_head(summary["teacher_dim"], s.hidden, s.dim),
         }
         for side, head in self.heads.items():
             prefix = f"{side}."
