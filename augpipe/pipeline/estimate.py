@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from augpipe.pipeline.config import ConfigError, Recipe
 from augpipe.pipeline.inputs import InputUnit, discover_inputs
-from augpipe.pipeline.plan import build_plan
+from augpipe.pipeline.plan import Plan, build_plan
 from augpipe.pipeline.reader import READ_STAGE, table_records
 from augpipe.pipeline.run import RunOptions, run_recipe
 from augpipe.pipeline.stage import GlobalStageSettings, Resources
@@ -153,6 +153,72 @@ def _stage_slots(cpus: float, gpus: float, stage_cpus: float, stage_gpus: float)
     return max(cpus / max(stage_cpus, 1e-9), 1.0) if cpus else 0.0
 
 
+def _sample_manifest(
+    recipe: Recipe, chosen: list[InputUnit], address: str | None, executor: str
+) -> dict[str, Any]:
+    """The manifest of ``recipe`` run through the normal engine on copies of the ``chosen`` shards."""
+    with tempfile.TemporaryDirectory(prefix="augpipe-estimate-") as tmp:
+        sample_in, sample_out = Path(tmp) / "in", Path(tmp) / "out"
+        sample_in.mkdir()
+        _copy_sample(chosen, sample_in)
+        result = run_recipe(
+            recipe,
+            sample_in,
+            sample_out,
+            RunOptions(address=address, progress=False, executor=executor, max_failure_rate=1.0),
+        )
+    return result.manifest
+
+
+def _corpus_samples(units: list[InputUnit], chosen: list[InputUnit], measured: int) -> tuple[int, bool]:
+    """The corpus's sample count, and whether it is exact (tables know it; tars scale it by bytes)."""
+    if all(u.kind != "tar" for u in units):
+        return sum((u.stop or 0) - u.start for u in units), True
+    sampled_bytes = sum(u.size for u in chosen) or 1
+    return round(measured * sum(u.size for u in units) / sampled_bytes), len(chosen) == len(units)
+
+
+def _project_stages(
+    projection: Estimate, recipe: Recipe, plan: Plan, manifest: dict[str, Any], shards: int
+) -> float:
+    """Add each step's cost (and its fit's) to ``projection``; return the sample's seconds in stages on
+    the cluster it ran on."""
+    where = manifest.get("cluster") or {}
+    run = manifest["runs"][-1]
+    measured, corpus = projection.sampled_samples, projection.corpus_samples
+    steps = [
+        (READ_STAGE, None, Resources()),
+        *((e.name, s, s.effective_resources()) for e, s in zip(recipe.stages, plan.stages, strict=True)),
+    ]
+    measured_cpus, measured_gpus = float(where.get("cpus") or 1), float(where.get("gpus") or 0)
+    busy = 0.0
+    for name, stage, wanted in steps:
+        totals = manifest["stages"].get(name)
+        if totals is None:
+            continue
+        per_sample = totals["wall_s"] / measured
+        on_gpu = wanted.gpus if measured_gpus else 0.0
+        workers = _stage_slots(measured_cpus, measured_gpus, wanted.cpus, on_gpu)
+        busy += totals["wall_s"] / max(min(workers, shards), 1.0)  # a shard is one worker's at a time
+        projection.stages.append(
+            StageCost(
+                name=name,
+                device=totals["device"],
+                cpus=wanted.cpus,
+                gpus=wanted.gpus,
+                seconds_per_sample=per_sample,
+                slots=_stage_slots(projection.cpus, projection.gpus, wanted.cpus, wanted.gpus),
+                projected_worker_s=per_sample * corpus,
+            )
+        )
+        fit = (run.get("phases") or {}).get(f"fit:{name}")
+        if fit is not None and stage is not None:
+            cap = stage.settings.fit_max_rows if isinstance(stage.settings, GlobalStageSettings) else None
+            rows = min(corpus, cap) if cap else corpus
+            projection.fit_s += fit * rows / min(measured, cap or measured)
+    return busy
+
+
 def estimate(
     recipe: Recipe,
     input_location: str,
@@ -167,82 +233,36 @@ def estimate(
     units = discover_inputs(input_location, TABLE_SHARD_ROWS)
     chosen = _choose(units, sample, seed)
     plan = build_plan(recipe)
-    with tempfile.TemporaryDirectory(prefix="augpipe-estimate-") as tmp:
-        sample_in, sample_out = Path(tmp) / "in", Path(tmp) / "out"
-        sample_in.mkdir()
-        _copy_sample(chosen, sample_in)
-        result = run_recipe(
-            recipe,
-            sample_in,
-            sample_out,
-            RunOptions(address=address, progress=False, executor=executor, max_failure_rate=1.0),
-        )
-    manifest = result.manifest
+    manifest = _sample_manifest(recipe, chosen, address, executor)
     measured = manifest["samples"]["in"]
     if not measured:
         names = ", ".join(u.label for u in chosen)
         raise ConfigError(f"the sampled shards ({names}) hold no readable samples")
-    if all(u.kind != "tar" for u in units):
-        corpus, exact = sum((u.stop or 0) - u.start for u in units), True
-    else:
-        sampled_bytes = sum(u.size for u in chosen) or 1
-        corpus = round(measured * sum(u.size for u in units) / sampled_bytes)
-        exact = len(chosen) == len(units)
+    corpus, exact = _corpus_samples(units, chosen, measured)
     scale = corpus / measured
     where = manifest.get("cluster") or {}
-    cpus = cpus if cpus is not None else float(where.get("cpus") or 1)
-    gpus = gpus if gpus is not None else float(where.get("gpus") or 0)
     run = manifest["runs"][-1]
     wall = sum((run.get("phases") or {}).values())
-    result_estimate = Estimate(
+    projection = Estimate(
         recipe=recipe.name,
         sampled_shards=[u.shard_id for u in chosen],
         total_shards=len(units),
         sampled_samples=measured,
         corpus_samples=corpus,
         samples_exact=exact,
-        cpus=cpus,
-        gpus=gpus,
+        cpus=cpus if cpus is not None else float(where.get("cpus") or 1),
+        gpus=gpus if gpus is not None else float(where.get("gpus") or 0),
         measured_on={"cpus": where.get("cpus"), "gpus": where.get("gpus"), "address": where.get("address")},
         sample_wall_s=wall,
         output_bytes=sum(o["bytes"] for o in manifest["outputs"]) * scale,
         output_samples=manifest["samples"]["out"] * scale,
     )
-    steps = [
-        (READ_STAGE, None, Resources()),
-        *((e.name, s, s.effective_resources()) for e, s in zip(recipe.stages, plan.stages, strict=True)),
-    ]
-    measured_cpus, measured_gpus = float(where.get("cpus") or 1), float(where.get("gpus") or 0)
-    busy = 0.0  # the sample's seconds in stages, on the cluster it ran on
-    for name, stage, wanted in steps:
-        totals = manifest["stages"].get(name)
-        if totals is None:
-            continue
-        per_sample = totals["wall_s"] / measured
-        on_gpu = wanted.gpus if measured_gpus else 0.0
-        workers = _stage_slots(measured_cpus, measured_gpus, wanted.cpus, on_gpu)
-        busy += totals["wall_s"] / max(min(workers, len(chosen)), 1.0)  # a shard is one worker's at a time
-        result_estimate.stages.append(
-            StageCost(
-                name=name,
-                device=totals["device"],
-                cpus=wanted.cpus,
-                gpus=wanted.gpus,
-                seconds_per_sample=per_sample,
-                slots=_stage_slots(cpus, gpus, wanted.cpus, wanted.gpus),
-                projected_worker_s=per_sample * corpus,
-            )
-        )
-        fit = (run.get("phases") or {}).get(f"fit:{name}")
-        if fit is not None and stage is not None:
-            cap = stage.settings.fit_max_rows if isinstance(stage.settings, GlobalStageSettings) else None
-            rows = min(corpus, cap) if cap else corpus
-            result_estimate.fit_s += fit * rows / min(measured, cap or measured)
+    busy = _project_stages(projection, recipe, plan, manifest, len(chosen))
     # What the sample's wall time holds beyond its stages and fits (starting Ray, loading every model):
     # paid once per run, whatever the corpus's size.
     fits = sum(v for k, v in (run.get("phases") or {}).items() if k.startswith("fit:"))
-    result_estimate.startup_s = max(wall - busy - fits, 0.0)
-    return result_estimate
+    projection.startup_s = max(wall - busy - fits, 0.0)
+    return projection
 
 
 def _duration(seconds: float) -> str:

@@ -26,7 +26,7 @@ float32. Lineage: partner key (samples), λ, θ, the antipodal flag, pass, seed.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -108,6 +108,19 @@ class GeodesicMixup(Stage):
             )
         return vectors, None
 
+    def _draw(self, arrays: list[np.ndarray], onehot: np.ndarray, seed: int) -> tuple[Any, Any, Any, Any]:
+        """One pass's partners (None between modalities), λ, soft labels (None between modalities) and
+        the geodesic mixes."""
+        s = self.settings
+        if s.between == "samples":
+            draw = mixup_batch(arrays[0], onehot, seed, alpha=s.alpha, per_sample=s.per_sample_lambda)
+            return draw.partner, draw.lam, draw.y, geodesic_mix(arrays[0], arrays[0][draw.partner], draw.lam)
+        n = arrays[0].shape[0]
+        rng = np.random.default_rng(seed)
+        lam = rng.beta(s.alpha, s.alpha, size=n if s.per_sample_lambda else None)
+        lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (n,))
+        return None, lam, None, geodesic_mix(arrays[0], arrays[1], lam)
+
     def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
         s = self.settings
         failures: list[Row | Failure] = []
@@ -130,16 +143,7 @@ class GeodesicMixup(Stage):
         out: list[Row] = []
         for p in range(self.context.multiple):
             seed = derive_seed(base, "pass", self.name, (p,))
-            if s.between == "samples":
-                draw = mixup_batch(arrays[0], onehot, seed, alpha=s.alpha, per_sample=s.per_sample_lambda)
-                partner, lam, soft = draw.partner, draw.lam, draw.y
-                mix = geodesic_mix(arrays[0], arrays[0][partner], lam)
-            else:
-                rng = np.random.default_rng(seed)
-                lam = rng.beta(s.alpha, s.alpha, size=len(pool) if s.per_sample_lambda else None)
-                lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (len(pool),))
-                partner, soft = None, None
-                mix = geodesic_mix(arrays[0], arrays[1], lam)
+            partner, lam, soft, mix = self._draw(arrays, onehot, seed)
             for i, row in enumerate(pool):
                 antipodal = bool(mix.antipodal[i])
                 self.stats["antipodal"] += int(antipodal)

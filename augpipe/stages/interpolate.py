@@ -51,12 +51,13 @@ size; the embedding models' ids are already in the row's lineage from ``embed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from augpipe.methods.cmda import EPS, iter_offline_batches, resolve_mode, soft_labels
+from augpipe.methods.cmda import EPS, CmdaAnchor, CmdaBatch, iter_offline_batches, resolve_mode, soft_labels
 from augpipe.pipeline.rows import Failure, FieldName, Row, fan_out, record
 from augpipe.pipeline.stage import Resources, Stage, StageSettings
 from augpipe.stages._fields import as_vector, is_image
@@ -194,38 +195,24 @@ class Interpolate(Stage):
             return side, side
         return rows[0][self.settings.raw_field].size
 
-    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+    def _students(self, pool_rows: list[Row]) -> tuple[Any, tuple[int, int] | None]:
+        """The raw student samples x̂ (a fetch function for pixels, an array for embeddings) and the size
+        images were brought to (None for embeddings)."""
         s = self.settings
-        failures: list[Row | Failure] = []
-        pool_rows: list[Row] = []
-        dims: dict[str, int] = {}
-        for row in sorted_rows(rows):
-            problem = self._check(row, dims)
-            if problem:
-                failures.append(self.fail(row, *problem))
-            else:
-                pool_rows.append(row)
-        if not pool_rows:
-            return failures
-        n = len(pool_rows)
-        teacher = np.stack([as_vector(r[s.teacher_latent]) for r in pool_rows])
-        student = np.stack([as_vector(r[s.student_latent]) for r in pool_rows])
-        size: tuple[int, int] | None = None
-        if s.student == "image":
-            size = self._image_size(pool_rows)
-            pixels = np.stack([np.asarray(fit_image(r[s.raw_field], size)) for r in pool_rows])
+        if s.student != "image":
+            return np.stack([as_vector(r[s.raw_field]) for r in pool_rows]), None
+        size = self._image_size(pool_rows)
+        pixels = np.stack([np.asarray(fit_image(r[s.raw_field], size)) for r in pool_rows])
 
-            def x_student(idx: np.ndarray) -> np.ndarray:
-                return pixels[idx].astype(np.float32)
+        def x_student(idx: np.ndarray) -> np.ndarray:
+            return pixels[idx].astype(np.float32)
 
-            raw: Any = x_student
-        else:
-            raw = np.stack([as_vector(r[s.raw_field]) for r in pool_rows])
-        clusters = np.array([int(r[s.cluster_field]) for r in pool_rows]) if s.uses_clusters else None
-        classes, class_idx = class_index(pool_rows) if s.soft_label else ([], np.zeros(0, np.int64))
-        seed = shard_seed(self.context.run_seed, pool_rows, self.name)
-        idents = [row_ident(r) for r in pool_rows]
-        info = {
+        return x_student, size
+
+    def _info(self, seed: int, size: tuple[int, int] | None) -> dict[str, Any]:
+        """Lineage every output of the shard shares."""
+        s = self.settings
+        return {
             "mode": s.mode,
             "pool": s.pool,
             "pool_size": s.pool_size,
@@ -236,12 +223,57 @@ class Interpolate(Stage):
             "label_policy": "anchor" + ("+soft" if s.soft_label else ""),
             **({"image_size": list(size)} if size is not None else {}),
         }
+
+    def _soft(self, batch: CmdaBatch, class_idx: np.ndarray, n_classes: int) -> np.ndarray | None:
+        """Each anchor's soft label over the pool's labelled contributors (None unless ``soft_label``)."""
+        if not self.settings.soft_label:
+            return None
+        members = class_idx[batch.indices]
+        labelled = members >= 0
+        soft = np.zeros((len(batch.indices), n_classes), dtype=batch.weights.dtype)
+        if labelled.any():
+            soft = soft_labels(batch.weights[:, labelled], members[labelled], n_classes)
+        return soft
+
+    def _count_pool(self, batch: CmdaBatch, seen_pools: set[frozenset[int]]) -> None:
+        self.stats["pools"] += 1
+        self.stats["singleton_pools"] += int(len(batch.indices) == 1)
+        pool_ids = frozenset(batch.indices.tolist())
+        if pool_ids in seen_pools:  # an earlier pass drew this very pool: its outputs repeat
+            self.stats["repeated_pool_outputs"] += len(pool_ids)
+        seen_pools.add(pool_ids)
+
+    def _split(self, rows: list[Row]) -> tuple[list[Row], list[Row | Failure]]:
+        """The rows that can join a pool, in canonical order, and a Failure for each of the others."""
+        pool_rows: list[Row] = []
+        failures: list[Row | Failure] = []
+        dims: dict[str, int] = {}
+        for row in sorted_rows(rows):
+            problem = self._check(row, dims)
+            if problem:
+                failures.append(self.fail(row, *problem))
+            else:
+                pool_rows.append(row)
+        return pool_rows, failures
+
+    def process_batch(self, rows: list[Row]) -> list[Row | Failure]:
+        s = self.settings
+        pool_rows, failures = self._split(rows)
+        if not pool_rows:
+            return failures
+        raw, size = self._students(pool_rows)
+        clusters = np.array([int(r[s.cluster_field]) for r in pool_rows]) if s.uses_clusters else None
+        classes, class_idx = class_index(pool_rows) if s.soft_label else ([], np.zeros(0, np.int64))
+        seed = shard_seed(self.context.run_seed, pool_rows, self.name)
+        shard = _Shard(
+            pool_rows, [row_ident(r) for r in pool_rows], clusters, classes, self._info(seed, size)
+        )
         outputs: dict[tuple[int, int], Row] = {}
         seen_pools: set[frozenset[int]] = set()
         batches = iter_offline_batches(
-            n,
-            teacher=teacher,
-            student=student,
+            len(pool_rows),
+            teacher=np.stack([as_vector(r[s.teacher_latent]) for r in pool_rows]),
+            student=np.stack([as_vector(r[s.student_latent]) for r in pool_rows]),
             x_student=raw,
             cluster_labels=clusters,
             passes=self.context.multiple,
@@ -251,44 +283,51 @@ class Interpolate(Stage):
             pool=s.pool,
         )
         for batch in batches:
-            self.stats["pools"] += 1
-            self.stats["singleton_pools"] += int(len(batch.indices) == 1)
-            pool_ids = frozenset(batch.indices.tolist())
-            if pool_ids in seen_pools:  # an earlier pass drew this very pool: its outputs repeat
-                self.stats["repeated_pool_outputs"] += len(pool_ids)
-            seen_pools.add(pool_ids)
-            soft = None
-            if s.soft_label:
-                members = class_idx[batch.indices]
-                labelled = members >= 0
-                soft = np.zeros((len(batch.indices), len(classes)), dtype=batch.weights.dtype)
-                if labelled.any():
-                    soft = soft_labels(batch.weights[:, labelled], members[labelled], len(classes))
+            self._count_pool(batch, seen_pools)
+            soft = self._soft(batch, class_idx, len(classes))
             for r, anchor in enumerate(batch.anchors()):
-                source = pool_rows[anchor.anchor]
-                child = fan_out(source, anchor.pass_index)
-                if s.student == "image":
-                    child[s.output_field] = to_image(anchor.x_new)
-                else:
-                    child[s.output_field] = np.asarray(anchor.x_new, dtype=np.float32)
-                if soft is not None:
-                    child["soft_label"] = soft_label_json(soft[r], classes)
-                # M only where the DCA mask was applied: reference_cma or no cluster_field ignore clusters.
-                cluster_info = source.get("lineage", {}).get("cluster", {}) if clusters is not None else {}
-                record(
-                    child,
-                    self.name,
-                    anchor=idents[anchor.anchor],
-                    contributors=[idents[j] for j in anchor.contributors],
-                    weights=[float(w) for w in anchor.weights],
-                    weight_sum=anchor.weight_sum,
-                    cluster=None if clusters is None else int(clusters[anchor.anchor]),
-                    m=cluster_info.get("m"),
-                    pass_index=anchor.pass_index,
-                    pool_index=anchor.batch_index,
-                    pool_members=len(batch.indices),
-                    **info,
-                )
+                child = self._child(shard, batch, anchor, None if soft is None else soft[r])
                 outputs[(anchor.anchor, anchor.pass_index)] = child
         self.stats["generated"] += len(outputs)
         return [*(outputs[k] for k in sorted(outputs)), *failures]
+
+    def _child(self, shard: _Shard, batch: CmdaBatch, anchor: CmdaAnchor, soft: np.ndarray | None) -> Row:
+        """The new sample of one anchor in one pass, with its lineage."""
+        s = self.settings
+        source = shard.rows[anchor.anchor]
+        child = fan_out(source, anchor.pass_index)
+        if s.student == "image":
+            child[s.output_field] = to_image(anchor.x_new)
+        else:
+            child[s.output_field] = np.asarray(anchor.x_new, dtype=np.float32)
+        if soft is not None:
+            child["soft_label"] = soft_label_json(soft, shard.classes)
+        # M only where the DCA mask was applied: reference_cma or no cluster_field ignore clusters.
+        clusters = shard.clusters
+        cluster_info = source.get("lineage", {}).get("cluster", {}) if clusters is not None else {}
+        record(
+            child,
+            self.name,
+            anchor=shard.idents[anchor.anchor],
+            contributors=[shard.idents[j] for j in anchor.contributors],
+            weights=[float(w) for w in anchor.weights],
+            weight_sum=anchor.weight_sum,
+            cluster=None if clusters is None else int(clusters[anchor.anchor]),
+            m=cluster_info.get("m"),
+            pass_index=anchor.pass_index,
+            pool_index=anchor.batch_index,
+            pool_members=len(batch.indices),
+            **shard.info,
+        )
+        return child
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """What every output of one call shares: the pool rows, their lineage names, clusters, classes, info."""
+
+    rows: list[Row]
+    idents: list[str]
+    clusters: np.ndarray | None
+    classes: list[str]
+    info: dict[str, Any]
