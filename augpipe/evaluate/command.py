@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from augpipe.evaluate.protocol import Protocol
-
-EXIT_USAGE, EXIT_MODEL = 2, 4
+from augpipe.pipeline.console import EXIT_MODEL, EXIT_USAGE, fail
 
 
 def evaluate(
@@ -45,11 +43,6 @@ def evaluate(
     if augmented.is_dir():
         save_evaluation(result, augmented / EVALUATION_FILE)
     return result
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"augpipe: error: {message}", err=True)
-    sys.exit(code)
 
 
 CORPUS = click.Path(exists=True, path_type=Path)
@@ -162,9 +155,9 @@ def evaluate_command(
             )
         result = evaluate(train, augmented, test, protocol, features, overlay, engine, address)
     except (EvaluationError, ConfigError) as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     except ModelNotFoundError as exc:
-        _fail(str(exc), EXIT_MODEL)
+        fail(str(exc), EXIT_MODEL)
     click.echo(summary_text(result))
     if json_path is not None:
         save_evaluation(result, json_path)

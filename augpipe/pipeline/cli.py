@@ -15,7 +15,6 @@ Exit codes:
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -27,54 +26,18 @@ import click
 
 from augpipe.evaluate.command import evaluate_command
 from augpipe.pipeline.config import ConfigError, available_recipes, load_recipe
+from augpipe.pipeline.console import (
+    EXIT_FAILURES,
+    EXIT_INVALID,
+    EXIT_MODEL,
+    EXIT_SIGNAL,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    fail,
+    setup_logging,
+    stop_on_signals,
+)
 from augpipe.pipeline.models import ModelNotFoundError
-
-EXIT_USAGE, EXIT_FAILURES, EXIT_MODEL, EXIT_INVALID, EXIT_STORAGE = 2, 3, 4, 5, 6
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"augpipe: error: {message}", err=True)
-    sys.exit(code)
-
-
-class _Console(logging.Handler):
-    """Engine messages as ``augpipe: ...`` lines on whatever stderr is current (click's, under a test)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"augpipe: {record.getMessage()}", err=True)
-
-
-def _setup_logging(quiet: bool) -> None:
-    """INFO and up on the console (warnings only with --quiet); the run's log file takes DEBUG."""
-    logger = logging.getLogger("augpipe")
-    console = next((h for h in logger.handlers if isinstance(h, _Console)), None)
-    if console is None:
-        console = _Console()
-        logger.addHandler(console)
-    console.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-
-
-@contextmanager
-def _signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGINT/SIGTERM ask the run to stop; the list holds the signal received, if any."""
-    received: list[int] = []
-
-    def handle(signum: int, _frame: object) -> None:
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        stop.set()
-        click.echo("augpipe: stopping: abandoning shards in flight, keeping finished ones", err=True)
-
-    previous = {sig: signal.signal(sig, handle) for sig in EXIT_SIGNAL}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @contextmanager
@@ -85,11 +48,11 @@ def _exit_codes() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     except ModelNotFoundError as exc:
-        _fail(str(exc), EXIT_MODEL)
+        fail(str(exc), EXIT_MODEL)
     except StorageError as exc:
-        _fail(f"storage: {exc}", EXIT_STORAGE)
+        fail(f"storage: {exc}", EXIT_STORAGE)
 
 
 @click.group(
@@ -183,7 +146,7 @@ def run(
     """Run RECIPE (a name from 'augpipe recipes' or a YAML path) over --input into --output."""
     from augpipe.pipeline.run import RunOptions, run_recipe
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     stop = threading.Event()
     options = RunOptions(
         address=address,
@@ -196,7 +159,7 @@ def run(
         executor=executor,
         stop=stop,
     )
-    with _signals(stop) as received, _exit_codes():
+    with stop_on_signals(stop) as received, _exit_codes():
         resolved = load_recipe(recipe, profile=profile, config_file=config_file, sets=list(sets), seed=seed)
         result = run_recipe(resolved, input_path, out_dir, options)
     _report(result, max_failure_rate, received)
@@ -214,13 +177,13 @@ def _report(result: object, max_failure_rate: float, received: list[int]) -> Non
         f"({samples['failure_rate']:.1%}); manifest: {where}"
     )
     if received:
-        _fail(
+        fail(
             f"interrupted by {signal.Signals(received[0]).name}; re-run the same command to resume",
             EXIT_SIGNAL[received[0]],
         )
     if result.aborted is not None:
         code = EXIT_STORAGE if result.aborted.cause == "storage" else EXIT_FAILURES
-        _fail(f"run stopped: {result.aborted}", code)
+        fail(f"run stopped: {result.aborted}", code)
     if not result.ok:
         for example in result.manifest["failures"]["examples"][:10]:
             click.echo(
@@ -228,7 +191,7 @@ def _report(result: object, max_failure_rate: float, received: list[int]) -> Non
             )
         for shard, info in result.manifest["incomplete_shards"].items():
             click.echo(f"  {shard} not written: {info['message']}", err=True)
-        _fail(
+        fail(
             f"failure rate {result.failure_rate:.1%} exceeds --max-failure-rate {max_failure_rate:.1%}"
             if result.failure_rate > max_failure_rate
             else "some shards could not be written",
@@ -289,7 +252,7 @@ def inspect(out_dir: str, as_json: bool, html_file: Path | None, samples: int) -
     try:
         manifest = read_manifest(out_dir)
     except ManifestError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
@@ -327,7 +290,7 @@ def ingest(source: Path, out_dir: Path, shard_size: int) -> None:
     try:
         written = do_ingest(source, out_dir, shard_size)
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     click.echo(f"wrote {len(written)} files to {out_dir}")
 
 
@@ -341,7 +304,7 @@ def runs(out_dir: str, as_json: bool) -> None:
     try:
         history = read_manifest(out_dir).get("runs", [])
     except ManifestError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(history, indent=2))
         return
@@ -382,7 +345,7 @@ def estimate(
     from augpipe.pipeline.estimate import estimate as project
     from augpipe.pipeline.estimate import render
 
-    _setup_logging(quiet=True)
+    setup_logging(quiet=True)
     with _exit_codes():
         resolved = load_recipe(recipe, profile=profile, sets=list(sets))
         result = project(resolved, input_path, sample, sample_seed, address, cpus, gpus)
