@@ -28,6 +28,7 @@ from augpipe.pipeline.config import plain
 from augpipe.pipeline.index import IndexSummary
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.plan import Plan
+from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.storage import Store
 
 log = logging.getLogger("augpipe")
@@ -200,3 +201,12 @@ class Progress:
         done = self.shards_done
         eta = f"{elapsed / done * (self.total - done):.0f}s" if done else "?"
         log.info("%s | %.0fs elapsed, ETA %s", line, elapsed, eta)
+
+
+def count_reused(history: dict[str, Any], progress: Progress, state: RunState) -> None:
+    """Count, per step, the cached steps of ``history`` that an earlier run computed (read excluded)."""
+    for data in history["stages"][1:]:
+        record = StageRecord.from_json(data)
+        if record.reused:
+            progress.reused[record.stage] += 1
+            state.reused[record.stage] += 1

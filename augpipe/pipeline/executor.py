@@ -517,10 +517,7 @@ class _Drive:
             self._finished(shard, ref, result)
             return
         if call.kind == "read" and shard.position > 0:
-            for record in result["stages"][1:]:
-                if record["reused"]:
-                    self.progress.reused[record["stage"]] += 1
-                    self.state.reused[record["stage"]] += 1
+            execution.count_reused(result, self.progress, self.state)
         shard.rows, shard.history = call.outputs  # type: ignore[misc]
         if call.kind == "step":
             shard.position = call.step + 1

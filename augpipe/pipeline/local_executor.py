@@ -72,10 +72,7 @@ class LocalExecutor:
         else:
             rows, history = read_cached(work.out, start[1], start[2], work.run_id)
             first = start[0] + 1
-            for record in history["stages"][1:]:
-                if record["reused"]:
-                    progress.reused[record["stage"]] += 1
-                    state.reused[record["stage"]] += 1
+            execution.count_reused(history, progress, state)
         for index in range(first, end):
             rows, history = self._runner(work, index, progress).run(unit.shard_id, rows, history)
         return rows, history

@@ -23,6 +23,7 @@ import augpipe
 from augpipe.pipeline import layout
 from augpipe.pipeline.execution import global_steps
 from augpipe.pipeline.plan import Plan
+from augpipe.pipeline.records import StageRecord, StageTotal
 from augpipe.pipeline.rowcodec import json_default
 from augpipe.pipeline.storage import Store
 from augpipe.pipeline.worker import read_fit
@@ -40,35 +41,12 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     jsonschema.validate(manifest, json.loads(schema_path().read_text()))
 
 
-def _new_stage_total(device: str) -> dict[str, Any]:
-    return {
-        "samples_in": 0,
-        "samples_out": 0,
-        "failed": 0,
-        "wall_s": 0.0,
-        "device_s": 0.0,
-        "counts": Counter(),
-        "reused_shards": 0,
-        "device": device,
-    }
-
-
-def _stage_totals(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    totals: dict[str, dict[str, Any]] = {}
+def _stage_totals(shards: list[dict[str, Any]]) -> dict[str, StageTotal]:
+    totals: dict[str, StageTotal] = {}
     for shard in shards:
-        for record in shard["stages"]:
-            entry = totals.setdefault(record["stage"], _new_stage_total(record["device"]))
-            for name in ("samples_in", "samples_out", "failed"):
-                entry[name] += record[name]
-            entry["counts"].update(record.get("counts", {}))
-            entry["wall_s"] += record["wall_s"]
-            if record["device"] != "cpu":
-                entry["device_s"] += record["wall_s"]
-            entry["reused_shards"] += int(record.get("reused", False))
-    for entry in totals.values():
-        entry["counts"] = dict(entry["counts"])
-        entry["samples_per_s"] = entry["samples_out"] / entry["wall_s"] if entry["wall_s"] > 0 else 0.0
-        entry["yield"] = entry["samples_out"] / entry["samples_in"] if entry["samples_in"] else 0.0
+        for data in shard["stages"]:
+            record = StageRecord.from_json(data)
+            totals.setdefault(record.stage, StageTotal(record.device)).add(record)
     return totals
 
 
@@ -183,7 +161,7 @@ def build_manifest(
     current = runs[-1]
     samples_in = sum(s["samples_in"] for s in shards) + sum(b.get("samples") or 0 for b in broken.values())
     failures = _failures(shards, broken)
-    stages = _stage_totals(shards)
+    totals = _stage_totals(shards)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "run_id": current["run_id"],
@@ -212,8 +190,8 @@ def build_manifest(
             "failure_rate": failures["total"] / samples_in if samples_in else 0.0,
         },
         "labels": label_vocabulary(shards, known_labels or []),
-        "stages": stages,
-        "reused": {name: t["reused_shards"] for name, t in stages.items() if t["reused_shards"]},
+        "stages": {name: t.to_json() for name, t in totals.items()},
+        "reused": {name: t.reused_shards for name, t in totals.items() if t.reused_shards},
         "failures": failures,
         "artifacts": _artifacts(plan, store),
         "incomplete_shards": broken,

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from augpipe.pipeline.config import Recipe, StageEntry
 from augpipe.pipeline.index import IndexSummary, drop_digest
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.reader import READ_STAGE, read_unit
+from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.registry import build_stage
 from augpipe.pipeline.rowcodec import rows_to_table, table_to_rows
 from augpipe.pipeline.rows import Failure, Row, candidate_id, derive_seed
@@ -41,21 +42,6 @@ ARTIFACT_FORMAT = 1
 FAILURE_EXAMPLES = 5
 BatchReport = Callable[[str, int], None]
 """Called after every batch a stage finishes: (step name, rows it produced)."""
-
-
-@dataclass
-class StageRecord:
-    """What one step did to one shard; summed per step into the manifest."""
-
-    stage: str
-    samples_in: int
-    samples_out: int
-    failed: int
-    wall_s: float
-    device: str
-    run_id: str
-    counts: dict[str, int] = field(default_factory=dict)
-    reused: bool = False
 
 
 def new_history(unit: InputUnit, index: IndexSummary | None, drop: dict[bytes, str]) -> History:
@@ -87,16 +73,16 @@ def read_source(
     counts = dict(result.counts)
     samples_in = counts.pop("samples_in", 0)
     record = StageRecord(
-        READ_STAGE,
-        samples_in,
-        len(result.rows),
-        len(result.failures),
-        time.perf_counter() - started,
-        "cpu",
-        run_id,
-        counts,
+        stage=READ_STAGE,
+        samples_in=samples_in,
+        samples_out=len(result.rows),
+        failed=len(result.failures),
+        wall_s=time.perf_counter() - started,
+        device="cpu",
+        run_id=run_id,
+        counts=counts,
     )
-    history["stages"].append(asdict(record))
+    history["stages"].append(record.to_json())
     history["failures"].extend(asdict(f) for f in result.failures)
     return result.rows, history
 
@@ -106,8 +92,9 @@ def read_cached(out: Store, parquet: str, history_file: str, run_id: str) -> tup
     with out.open_read(parquet) as fh:
         rows = table_to_rows(pq.read_table(fh))
     history = json.loads(out.read_bytes(history_file))
-    for stage in history["stages"]:
-        stage["reused"] = stage.get("run_id") != run_id
+    history["stages"] = [
+        {**data, "reused": StageRecord.from_json(data).run_id != run_id} for data in history["stages"]
+    ]
     return rows, history
 
 
@@ -214,16 +201,16 @@ class StageRunner:
                 self.on_batch(self.stage.name, len(batch_rows))
         history = {**history, "stages": [*history["stages"]], "failures": [*history["failures"]]}
         record = StageRecord(
-            self.stage.name,
-            len(rows),
-            len(out),
-            len(failures),
-            time.perf_counter() - started,
-            self.stage.device,
-            self.run_id,
-            dict(self.stage.stats),
+            stage=self.stage.name,
+            samples_in=len(rows),
+            samples_out=len(out),
+            failed=len(failures),
+            wall_s=time.perf_counter() - started,
+            device=self.stage.device,
+            run_id=self.run_id,
+            counts=dict(self.stage.stats),
         )
-        history["stages"].append(asdict(record))
+        history["stages"].append(record.to_json())
         history["failures"].extend(asdict(f) for f in failures)
         if self.cache:
             self._save(shard_id, out, history)
@@ -341,6 +328,7 @@ def commit_shard(
     without its stats record."""
     failures = [Failure(**{**f, "variant": tuple(f.get("variant", ()))}) for f in history["failures"]]
     tar_rel, parquet_rel = layout.data_files(unit.shard_id)
+    steps = [StageRecord.from_json(data) for data in history["stages"]]
     try:
         written = write_shard(out, unit.shard_id, rows, spec)
         quarantine = write_quarantine(out, unit.shard_id, failures)
@@ -348,9 +336,9 @@ def commit_shard(
             **{k: v for k, v in history.items() if k != "failures"},
             "failures": _failure_summary(history["failures"]),
             "fingerprint": run_fingerprint,
-            "run_id": history["stages"][-1]["run_id"] if history["stages"] else "",
+            "run_id": steps[-1].run_id if steps else "",
             "committed_at": datetime.now(UTC).isoformat(),
-            "samples_in": history["stages"][0]["samples_in"] if history["stages"] else 0,
+            "samples_in": steps[0].samples_in if steps else 0,
             "samples_out": len(rows),
             "labels": label_counts(rows, spec),
             "outputs": [asdict(w) for w in written],
