@@ -29,9 +29,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from augpipe.pipeline.config import ConfigError, StageEntry
+from augpipe.pipeline.families import FilterStage, GeneratorStage
 from augpipe.pipeline.registry import build_stage, stage_class, stage_names
 from augpipe.pipeline.rows import RESERVED_FIELDS, Failure
-from augpipe.pipeline.stage import Stage, StageContext
+from augpipe.pipeline.stage import Stage, StageContext, StageSettings
+from augpipe.pipeline.worker import batches_by_key
 
 CONTEXT = StageContext(run_seed=3, recipe="contract", multiple=2, tag="aug")
 FIT_ROWS = 12
@@ -321,3 +323,106 @@ def test_reads_context_names_only_context_fields():
     for bad in (("multiplee",), ("run_seed",)):
         with pytest.raises(TypeError, match="not StageContext fields"):
             type("Bad", (Stage,), {"name": "bad", "reads_context": bad})
+
+
+# ------------------------------------------------------------------------------------ family bases
+
+
+GENERATORS = ("synthesize_speech", "transcribe", "caption", "generate_image")
+FILTERS = ("filter_paraphrase", "filter_images")
+WHOLE_SHARD = ("interpolate", "mixup", "geodesic_mixup")
+
+
+def test_stages_of_a_family_inherit_its_loop():
+    for name in GENERATORS:
+        cls = stage_class(name)
+        assert issubclass(cls, GeneratorStage) and "process_batch" not in vars(cls), name
+    for name in FILTERS:
+        cls = stage_class(name)
+        assert issubclass(cls, FilterStage) and "process_batch" not in vars(cls), name
+
+
+@dataclass(frozen=True)
+class _ToyJob:
+    child: dict[str, Any]
+
+
+class _ToyGenerator(GeneratorStage[_ToyJob, str]):
+    """Two children per row with text; the backend upper-cases, and an empty result is a Failure."""
+
+    name = "toy"
+
+    def jobs_for(self, row):
+        if not row.get("text"):
+            return self.fail(row, "empty", "no text")
+        return [_ToyJob({**row, "variant": (j,)}) for j in range(2)]
+
+    def run_jobs(self, jobs):
+        return [job.child["text"].upper() if job.child["text"] != "mute" else "" for job in jobs]
+
+    def rows_for(self, job, result):
+        if not result:
+            return [self.fail(job.child, "silent", "empty result")]
+        return [{**job.child, "out": result}]
+
+
+def _toy_rows():
+    return [{"key": "a", "text": "x"}, {"key": "b", "text": ""}, {"key": "c", "text": "mute"}]
+
+
+def _order(out):
+    return [(type(r).__name__, r.key if isinstance(r, Failure) else r["key"]) for r in out]
+
+
+@pytest.mark.parametrize("checks_first", [True, False])
+def test_generator_base_keeps_its_stages_return_order(checks_first):
+    toy = type("Toy", (_ToyGenerator,), {"checks_first": checks_first})(StageSettings(), CONTEXT)
+    out = toy.process_batch(_toy_rows())
+    jobs = [("dict", "a"), ("dict", "a"), ("Failure", "c"), ("Failure", "c")]
+    if checks_first:  # synthesize_speech, transcribe: failed checks, then every job's rows in job order
+        assert _order(out) == [("Failure", "b"), *jobs]
+    else:  # caption, generate_image: grouped by input row
+        assert _order(out) == [*jobs[:2], ("Failure", "b"), *jobs[2:]]
+    assert [r["out"] for r in out if isinstance(r, dict)] == ["X", "X"]
+    assert _ToyGenerator(StageSettings(), CONTEXT).process_batch([{"key": "b"}])[0].cause == "empty"
+
+
+def test_generator_base_fails_a_batch_whose_backend_returns_too_few_results():
+    toy = _ToyGenerator(StageSettings(), CONTEXT)
+    toy.run_jobs = lambda jobs: ["X"] * (len(jobs) - 1)
+    with pytest.raises(ValueError):
+        toy.process_batch(_toy_rows())
+
+
+def test_filter_base_counts_each_drop_by_reason():
+    class Toy(FilterStage):
+        name = "toy_filter"
+
+        def judge(self, row):
+            if row.get("bad"):
+                return self.fail(row, "bad_input", "bad")
+            return None if row["n"] > 0 else ("zero" if row["n"] == 0 else "negative")
+
+    toy = Toy(StageSettings(), CONTEXT)
+    rows = [
+        {"key": "a", "n": 1},
+        {"key": "b", "n": 0},
+        {"key": "c", "n": -1, "bad": True},
+        {"key": "d", "n": -2},
+    ]
+    out = toy.process_batch(rows)
+    assert _order(out) == [("dict", "a"), ("Failure", "c")]
+    assert dict(toy.stats) == {"dropped:zero": 1, "dropped:negative": 1}
+
+
+def test_whole_shard_scope_is_declared_and_gives_one_batch_grouped_by_source():
+    for name in WHOLE_SHARD:
+        assert stage_class(name).batch_size is None, name
+    for name in stage_names():
+        assert stage_class(name).batch_size is None or stage_class(name).batch_size < 100_000, name
+    rows = [{"key": k, "variant": (i,)} for i, k in enumerate("abacb")]
+    batches = list(batches_by_key(rows, None))
+    assert [[(r["key"], r["variant"][0]) for r in b] for b in batches] == [
+        [("a", 0), ("a", 2), ("b", 1), ("b", 4), ("c", 3)]
+    ]
+    assert list(batches_by_key([], None)) == []
