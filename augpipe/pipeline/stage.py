@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from augpipe.pipeline.models import ResolvedModel, resolve_model
+from augpipe.pipeline.models import ModelNotFoundError, ResolvedModel, resolve_model
 from augpipe.pipeline.rows import Failure, Row, derive_seed
 
 
@@ -100,6 +100,16 @@ class Backend:
         """Fail fast if the model is missing; cheap, runs on the driver."""
         if self.model_ref is not None:
             self.model = resolve_model(self.model_ref)
+
+    def require_model(self, stage: str, hint: str) -> None:
+        """``check`` for a backend that cannot run without a configured model: the error names the stage
+        and backend, and ``hint`` says how to set one."""
+        if self.model_ref is None:
+            raise ModelNotFoundError(f"{stage} backend {self.name!r} needs a model: {hint}")
+        try:
+            Backend.check(self)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{stage} backend {self.name!r}: {exc}") from exc
 
     def load(self, device: str) -> None:
         """Load weights onto ``device``; called once per worker."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from augpipe.pipeline.models import ModelNotFoundError
 from augpipe.pipeline.stage import Backend
 from augpipe.stages.caption.base import CaptionSettings
 
@@ -77,15 +76,7 @@ class TransformersCaptioner(Backend):
         self.dtype: Any = None
 
     def check(self) -> None:
-        if self.model_ref is None:
-            raise ModelNotFoundError(
-                f"caption backend {self.name!r} needs a model: set caption.model to a hub id in the local "
-                "cache or a local directory"
-            )
-        try:
-            super().check()
-        except ModelNotFoundError as exc:
-            raise ModelNotFoundError(f"caption backend {self.name!r}: {exc}") from exc
+        self.require_model("caption", "set caption.model to a hub id in the local cache or a local directory")
 
     def _classes(self) -> tuple[Any, Any]:
         from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
-from augpipe.pipeline.models import ModelNotFoundError
 from augpipe.pipeline.stage import Backend
 from augpipe.stages.generate_image.base import GenerateImageSettings
 
@@ -31,15 +30,8 @@ class DiffusersGenerator(Backend):
         self.weights_variant: str | None = None
 
     def check(self) -> None:
-        if self.model_ref is None:
-            raise ModelNotFoundError(
-                f"generate_image backend {self.name!r} needs a model: set generate_image.model to a hub id "
-                "in the local cache or a local diffusers directory"
-            )
-        try:
-            super().check()
-        except ModelNotFoundError as exc:
-            raise ModelNotFoundError(f"generate_image backend {self.name!r}: {exc}") from exc
+        hint = "set generate_image.model to a hub id in the local cache or a local diffusers directory"
+        self.require_model("generate_image", hint)
 
     def _dtype(self, device: str) -> Any:
         import torch
