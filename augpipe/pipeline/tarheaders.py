@@ -93,7 +93,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _padded(size: int) -> int:
+def padded(size: int) -> int:
+    """``size`` rounded up to whole 512-byte blocks, as tar stores member data."""
     return -(-size // BLOCK) * BLOCK
 
 
@@ -138,14 +139,14 @@ def _members(stream: IO[bytes], size: int) -> list[Member]:
                 raise _NotPlain
             stream.seek(data_at)
             pax = _pax_records(stream.read(length))
-            offset = data_at + _padded(length)
+            offset = data_at + padded(length)
             continue
         member = _member(header, data_at, pax or {})
         pax = None
         if data_at + member[2] > size:
             raise _NotPlain
         found.append(member)
-        offset = data_at + _padded(member[2])
+        offset = data_at + padded(member[2])
         if offset > size:
             raise _NotPlain  # the last member's padding is cut: tarfile reports "unexpected end of data"
     if pax is not None:

@@ -26,7 +26,7 @@ from typing import IO
 
 from webdataset.tariterators import base_plus_ext
 
-from augpipe.pipeline.tarheaders import plain_members
+from augpipe.pipeline.tarheaders import padded, plain_members
 
 BLOCK = 512
 
@@ -84,10 +84,6 @@ def _kind(info: tarfile.TarInfo) -> str:
     return "special member"
 
 
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
 def _all_zero(stream: IO[bytes], start: int, stop: int) -> bool:
     stream.seek(start)
     remaining = stop - start
@@ -143,7 +139,7 @@ def tarfile_members(stream: IO[bytes], size: int) -> Iterator[Member | Damage]:
             )
             return
         yield Member(info.name, info.offset_data, data_size, _kind(info), info.linkname)
-        expected = info.offset_data + _padded(data_size)
+        expected = info.offset_data + padded(data_size)
     if expected < size and not _all_zero(stream, expected, size):
         if expected == 0:
             message = f"not a tar archive: no valid member header in {size:,} bytes"
