@@ -112,3 +112,60 @@ def test_an_address_that_never_answers_fails_at_the_deadline(silent_port):
         probe(parse_address(f"127.0.0.1:{silent_port}"), timeout=1)
     message = str(error.value)
     assert f"127.0.0.1:{silent_port}" in message and "no answer within 1 s" in message
+
+
+class RefusingHead:
+    """``ray.init`` as a head's client proxy answers when its per-client server fails ``failures`` times."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.calls: list[str] = []
+
+    def __call__(self, address: str, **_options) -> None:
+        self.calls.append(address)
+        if len(self.calls) <= self.failures:
+            raise ConnectionAbortedError(
+                "Initialization failure from server:\nStarting Ray client server failed."
+            )
+
+
+@pytest.fixture()
+def refusing_head(monkeypatch):
+    from augpipe.pipeline import executor
+
+    def install(failures: int) -> RefusingHead:
+        head = RefusingHead(failures)
+        monkeypatch.setattr(executor.ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(executor.ray, "init", head)
+        monkeypatch.setattr(executor, "CLIENT_RETRY_DELAY_S", 0.0)
+        return head
+
+    return install
+
+
+def test_a_client_connection_the_head_fails_to_serve_is_retried(refusing_head, caplog):
+    from augpipe.pipeline.executor import CLIENT_CONNECT_ATTEMPTS, init_ray
+
+    head = refusing_head(CLIENT_CONNECT_ATTEMPTS - 1)
+    assert init_ray("ray://head:10001") is True
+    assert head.calls == ["ray://head:10001"] * CLIENT_CONNECT_ATTEMPTS
+    assert "Starting Ray client server failed" in caplog.text
+
+
+def test_a_head_that_never_serves_the_client_fails_the_run_after_the_retries(refusing_head):
+    from augpipe.pipeline.executor import CLIENT_CONNECT_ATTEMPTS, init_ray
+
+    head = refusing_head(CLIENT_CONNECT_ATTEMPTS)
+    with pytest.raises(ConnectionAbortedError):
+        init_ray("ray://head:10001")
+    assert len(head.calls) == CLIENT_CONNECT_ATTEMPTS
+
+
+def test_a_gcs_address_is_not_retried(refusing_head):
+    """A GCS address that refuses is a configuration fault, which the pre-flight probe has already named."""
+    from augpipe.pipeline.executor import init_ray
+
+    head = refusing_head(1)
+    with pytest.raises(ConnectionAbortedError):
+        init_ray("10.0.0.5:6379")
+    assert head.calls == ["10.0.0.5:6379"]

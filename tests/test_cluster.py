@@ -141,7 +141,8 @@ def head():
 
 def head_logs(head: Head) -> str:
     """The tails of the head's error logs, for a failure message (the folder goes with the fixture)."""
-    logs = sorted(head.temp_root.glob("ray/session_latest/logs/*.err"))
+    folder = head.temp_root / "ray/session_latest/logs"
+    logs = sorted([*folder.glob("*.err"), *folder.glob("ray_client_server*.out")])
     return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in logs)
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ WORKER_ENV = {
     "TQDM_DISABLE": "1",
 }
 LOST_RESTARTS = 5
+CLIENT_CONNECT_ATTEMPTS = 3
+CLIENT_RETRY_DELAY_S = 5.0
 REPLACEMENTS_PER_STEP = 8
 
 
@@ -86,14 +89,31 @@ def init_ray(address: str | None) -> bool:
         return False
     env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        configure_logging=True,
-        logging_level="WARNING",
-        log_to_driver=True,
-        runtime_env={"env_vars": env} if env else None,
-    )
+    attempts = CLIENT_CONNECT_ATTEMPTS if (address or "").startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                configure_logging=True,
+                logging_level="WARNING",
+                log_to_driver=True,
+                runtime_env={"env_vars": env} if env else None,
+            )
+            break
+        except ConnectionError as error:
+            # The head's client proxy starts one server process per client; on a busy head that
+            # process can fail to come up, and the next connection usually gets one that does.
+            if attempt == attempts:
+                raise
+            log.warning(
+                "joining %s failed (attempt %d of %d): %s; retrying",
+                address,
+                attempt,
+                attempts,
+                str(error).strip().splitlines()[-1],
+            )
+            time.sleep(CLIENT_RETRY_DELAY_S * attempt)
     if threading.current_thread() is threading.main_thread():
         for sig, handler in handlers.items():
             if handler is not None:
