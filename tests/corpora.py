@@ -85,3 +85,39 @@ def text_corpus(folder: Path, shards: int, per_shard: int, prefix: str = "shard"
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     _add(tar, name, data)
+
+
+def precomputed_corpus(folder: Path, shards: int, per_shard: int, classes: int = 3, seed: int = 0) -> Path:
+    """clip-retrieval-style shards: an 8 px PNG, caption and label per sample, and a Parquet sidecar per
+    shard with 16-d image and 8-d text embeddings near each class's centre (cmda-precomputed's input)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = {
+        "image_embedding": rng.normal(size=(classes, 16)),
+        "text_embedding": rng.normal(size=(classes, 8)),
+    }
+    for shard in range(shards):
+        labels = rng.integers(0, classes, size=per_shard)
+        keys = [f"p{shard}x{i:03d}" for i in range(per_shard)]
+        with wds.TarWriter(str(folder / f"shard-{shard:05d}.tar")) as sink:
+            for key, label in zip(keys, labels, strict=True):
+                png = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(png, format="PNG")
+                caption = f"a photo of class {label}"
+                sink.write(
+                    {"__key__": key, "png": png.getvalue(), "txt": caption, "json": {"label": f"c{label}"}}
+                )
+        columns = {
+            name: pa.array(
+                (centre[labels] + 0.3 * rng.normal(size=(per_shard, centre.shape[1]))).tolist(),
+                pa.list_(pa.float32(), centre.shape[1]),
+            )
+            for name, centre in centres.items()
+        }
+        pq.write_table(pa.table({"key": keys, **columns}), folder / f"shard-{shard:05d}.parquet")
+    return folder

@@ -258,6 +258,29 @@ def test_outputs_stay_within_declared_fields(name, backend, ready):
         assert row["passenger"] == int(row["key"][1:]), "fields the stage does not own pass through"
 
 
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_a_stage_that_keeps_rows_gives_each_row_back_once_with_only_its_outputs_changed(name, backend, ready):
+    """The engine skips a ``keeps_rows`` step when drawing a later fit's sample: this is what makes that
+    safe. A stage that fans out or filters must not claim it."""
+    stage = ready[0]
+    rows = make_rows(stage, BATCH_ROWS)
+    before = [dict(row) for row in rows]
+    out = stage.process_batch(rows)
+    kept = [r for r in out if isinstance(r, dict)]
+    owned = stage.outputs() | RESERVED_FIELDS
+    keeps = [r["key"] for r in kept] == [r["key"] for r in before] and all(
+        all(new.get(f) is value for f, value in old.items() if f not in owned)
+        for new, old in zip(kept, before, strict=True)
+    )
+    assert stage.keeps_rows == (name in KEEP_ROWS)
+    if stage.keeps_rows:
+        assert keeps, f"{name} declares keeps_rows but changed, dropped or added rows"
+
+
+# The stages that keep their rows; declaring it lets a fit pass skip them.
+KEEP_ROWS = {"embed", "latent_space", "cluster", "translate"}
+
+
 # Inputs a stage may do without, by design: the row is then kept or dropped (and counted), not failed.
 OPTIONAL_INPUTS = {
     ("drop_duplicates", "image"): "without its source a candidate can only copy a sibling",

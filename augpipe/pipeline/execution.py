@@ -30,6 +30,7 @@ from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.storage import Store
+from augpipe.pipeline.worker import FitDraw, read_fit, sample_rate
 
 log = logging.getLogger("augpipe")
 
@@ -143,6 +144,62 @@ def global_steps(plan: Plan) -> list[int]:
 
 def artifact_rel(plan: Plan, index: int) -> str:
     return layout.artifact_dir(plan.stages[index].name, plan.chain[index])
+
+
+def _drawn_after(plan: Plan, index: int) -> int:
+    """How many steps must run before step ``index``'s fit sample is drawn.
+
+    Steps just before it that keep their rows (``Stage.keeps_rows``) and write nothing its fit reads
+    change nothing in the sample, so they are not run for it.
+    """
+    reads = plan.stages[index].fit_fields()
+    end = index
+    while end > 0 and plan.stages[end - 1].keeps_rows and not plan.stages[end - 1].outputs() & reads:
+        end -= 1
+    return end
+
+
+@dataclass(frozen=True)
+class FitPass:
+    """One pass over the corpus through steps ``[0, end)`` that draws the fit samples of ``steps``.
+
+    Global steps whose samples need no step from the first of them on share a pass: cmda's cluster fit
+    reads embeddings only, so its sample is drawn beside latent_space's from the same read of each
+    shard, not in a second pass that first projects every row through the latent heads.
+    """
+
+    steps: tuple[int, ...]
+    end: int
+
+    def draws(self, plan: Plan, corpus_samples: int) -> list[FitDraw]:
+        return [
+            FitDraw(
+                tuple(sorted(plan.stages[i].fit_fields())),
+                fit_seed(plan, i),
+                sample_rate(fit_cap(plan, i), corpus_samples),
+            )
+            for i in self.steps
+        ]
+
+    def skip_media(self, plan: Plan) -> set[str]:
+        """Media no draw and no step of the pass reads: left undecoded by the reader."""
+        wanted = {"label"}.union(*(plan.stages[i].fit_fields() for i in self.steps))
+        wanted = wanted.union(*(stage.inputs() for stage in plan.stages[: self.end]))
+        return {"image", "audio"} - wanted
+
+
+def fit_passes(plan: Plan, out: Store) -> list[FitPass]:
+    """The passes that fit the global steps not yet fitted in ``out`` (an earlier run's fits are reused)."""
+    passes: list[FitPass] = []
+    todo = [i for i in global_steps(plan) if read_fit(out, artifact_rel(plan, i)) is None]
+    for index in todo:
+        end = _drawn_after(plan, index)
+        if passes and end <= passes[-1].steps[0]:
+            last = passes.pop()
+            passes.append(FitPass((*last.steps, index), max(last.end, end)))
+        else:
+            passes.append(FitPass((index,), end))
+    return passes
 
 
 def fit_cap(plan: Plan, index: int) -> int | None:

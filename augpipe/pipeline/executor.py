@@ -51,15 +51,14 @@ from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.stage import Resources, Stage
 from augpipe.pipeline.storage import Store, is_storage_error
 from augpipe.pipeline.worker import (
+    FitDraw,
     StageRunner,
     commit_lost_shard,
     commit_shard,
     fit_global,
-    fit_sample,
+    fit_samples,
     read_cached,
-    read_fit,
     read_source,
-    sample_rate,
 )
 
 TASK_CPUS = 0.25
@@ -264,7 +263,7 @@ class _Call:
     shard: _Shard | None = None
     step: int = -1
     actor: int = -1
-    outputs: tuple[Any, Any] | None = None
+    outputs: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -341,9 +340,10 @@ class RayExecutor:
         self.sink = _ProgressSink.options(name=self.sink_name).remote()
         progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
         try:
-            for index in execution.global_steps(work.plan):
-                with state.timed(f"fit:{work.plan.stages[index].name}"):
-                    self._fit(work, index, progress, state)
+            for fit_pass in execution.fit_passes(work.plan, work.out):
+                self._fit(work, fit_pass, progress, state)
+                if state.interrupted:
+                    break
             if not state.interrupted:
                 with state.timed("process"):
                     _Drive(self, work, progress, state, len(work.plan.stages)).run(work.units)
@@ -351,15 +351,22 @@ class RayExecutor:
             state.aborted = exc
         return state
 
-    def _fit(self, work: Work, index: int, progress: Progress, state: RunState) -> None:
+    def _fit(self, work: Work, fit_pass: execution.FitPass, progress: Progress, state: RunState) -> None:
+        """Draw every sample of the pass, then fit each step; the shared pass counts in the first fit's
+        phase."""
+        names = [work.plan.stages[i].name for i in fit_pass.steps]
+        with state.timed(f"fit:{names[0]}"):
+            parts = _Drive(self, work, progress, state, fit_pass.end, fit_pass).run(work.corpus)
+            if state.interrupted:
+                return
+            self._fit_step(work, fit_pass.steps[0], parts[0])
+        for index, name, step_parts in zip(fit_pass.steps[1:], names[1:], parts[1:], strict=True):
+            with state.timed(f"fit:{name}"):
+                self._fit_step(work, index, step_parts)
+
+    def _fit_step(self, work: Work, index: int, parts: list[Any]) -> None:
         plan = work.plan
         folder = execution.artifact_rel(plan, index)
-        if read_fit(work.out, folder) is not None:
-            return
-        drive = _Drive(self, work, progress, state, index, fit_step=index)
-        parts = drive.run(work.corpus)
-        if state.interrupted:
-            return
         cap = execution.fit_cap(plan, index)
         log.info("fitting %s on a sample of %d samples", plan.stages[index].name, work.corpus_samples)
         r = self.resources[plan.stages[index].name]
@@ -391,6 +398,12 @@ def _duplicates_task(labels: dict[str, str], *groups: list[UnitIndex]) -> dict[s
     return find_duplicates([ix for group in groups for ix in group], labels)
 
 
+def _fit_samples_task(rows: Any, draws: list[FitDraw]) -> Any:
+    """``worker.fit_samples`` with one return value per draw (Ray's ``num_returns`` wants a bare one)."""
+    parts = fit_samples(rows, draws)
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _fit_task(
     entry: Any, context: Any, out: Any, folder: str, cap: int | None, samples: int, *parts: Any
 ) -> Any:
@@ -399,8 +412,8 @@ def _fit_task(
 
 
 class _Drive:
-    """One pass of units through steps ``[start, end)``, then a finishing task per shard: the commit, or,
-    for a fit pass, the shard's part of the fit sample (kept as a reference, never fetched)."""
+    """One pass of units through steps ``[0, end)``, then a finishing task per shard: the commit, or, for
+    a fit pass, the shard's part of each fit sample (kept as references, never fetched)."""
 
     def __init__(
         self,
@@ -409,28 +422,19 @@ class _Drive:
         progress: Progress,
         state: RunState,
         end: int,
-        fit_step: int | None = None,
+        fit_pass: execution.FitPass | None = None,
     ) -> None:
         self.x, self.work, self.progress, self.state, self.end = executor, work, progress, state, end
-        self.fit_step = fit_step
+        self.fitting = fit_pass is not None
         self.ready: dict[int, deque[_Shard]] = {i: deque() for i in range(end)}
         self.running: dict[Any, _Call] = {}
-        self.parts: list[Any] = []
         self.in_flight = 0
         self.limit = max(2, sum(s.settings.concurrency for s in work.plan.stages[:end]) + 1)
-        if fit_step is not None:
-            plan = work.plan
-            self.fields = sorted(plan.stages[fit_step].fit_fields())
-            self.seed = execution.fit_seed(plan, fit_step)
-            self.rate = sample_rate(execution.fit_cap(plan, fit_step), work.corpus_samples)
-            wanted = set(self.fields) | {"label"}
-            for stage in plan.stages[:fit_step]:
-                wanted |= stage.inputs()
-            self.skip_media = {"image", "audio"} - wanted
-        else:
-            self.skip_media = set()
+        self.draws = fit_pass.draws(work.plan, work.corpus_samples) if fit_pass else []
+        self.parts: list[list[Any]] = [[] for _ in self.draws]
+        self.skip_media = fit_pass.skip_media(work.plan) if fit_pass else set()
 
-    def run(self, units: list[InputUnit]) -> list[Any]:
+    def run(self, units: list[InputUnit]) -> list[list[Any]]:
         queue = deque(units)
         while queue or self.running or any(self.ready.values()):
             if self.work.stop.is_set():
@@ -445,7 +449,7 @@ class _Drive:
             for ref in done:
                 self._handle(ref, self.running.pop(ref))
             self._show()
-        self._show(force=self.fit_step is None)
+        self._show(force=not self.fitting)
         return self.parts
 
     def _show(self, force: bool = False) -> None:
@@ -507,9 +511,10 @@ class _Drive:
             self.ready[shard.position].append(shard)
             return
         work, unit = self.work, shard.unit
-        if self.fit_step is not None:
-            part = remote(fit_sample).remote(shard.rows, self.fields, self.seed, self.rate)
-            self.running[part] = _Call("finish", shard)
+        if self.fitting:
+            parts = remote(_fit_samples_task, len(self.draws)).remote(shard.rows, self.draws)
+            parts = [parts] if len(self.draws) == 1 else list(parts)
+            self.running[parts[0]] = _Call("finish", shard, outputs=tuple(parts))
             return
         prune = [] if work.keep_cache else execution.cache_rels(work.plan, unit)
         plan = work.plan
@@ -529,12 +534,12 @@ class _Drive:
         shard = call.shard
         assert shard is not None
         try:
-            result = ray.get(ref) if call.kind != "finish" or self.fit_step is None else None
+            result = ray.get(ref) if call.kind != "finish" or not self.fitting else None
         except Exception as exc:
             self._failed(call, shard, exc)
             return
         if call.kind == "finish":
-            self._finished(shard, ref, result)
+            self._finished(shard, call, result)
             return
         if call.kind == "read" and shard.position > 0:
             execution.count_reused(result, self.progress, self.state)
@@ -543,10 +548,11 @@ class _Drive:
             shard.position = call.step + 1
         self._advance(shard)
 
-    def _finished(self, shard: _Shard, ref: Any, result: Any) -> None:
+    def _finished(self, shard: _Shard, call: _Call, result: Any) -> None:
         self.in_flight -= 1
-        if self.fit_step is not None:
-            self.parts.append(ref)
+        if self.fitting:
+            for parts, ref in zip(self.parts, call.outputs, strict=True):
+                parts.append(ref)
             return
         self.state.committed[shard.unit.shard_id] = result
         self.progress.shards_done += 1
@@ -575,7 +581,7 @@ class _Drive:
     def _give_up(self, shard: _Shard, cause: str, message: str) -> None:
         self.in_flight -= 1
         index = self.work.index.get(shard.unit.shard_id)
-        if self.fit_step is not None:
+        if self.fitting:
             log.warning("shard %s left out of the fit sample: %s", shard.unit.shard_id, plain(message))
             return
         self.state.break_shard(shard.unit, cause, message, index.samples if index else None)
@@ -606,7 +612,7 @@ class _Drive:
             "it crashes the worker, e.g. a native decoder fault); its samples are quarantined"
         )
         log.warning("%s is a poison shard: %s", shard.unit.shard_id, message)
-        if self.fit_step is not None:
+        if self.fitting:
             self._give_up(shard, "worker_crashed", message)
             return
         work, plan = self.work, self.work.plan

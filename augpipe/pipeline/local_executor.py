@@ -19,11 +19,9 @@ from augpipe.pipeline.worker import (
     StageRunner,
     commit_shard,
     fit_global,
-    fit_sample,
+    fit_samples,
     read_cached,
-    read_fit,
     read_source,
-    sample_rate,
 )
 
 
@@ -57,7 +55,13 @@ class LocalExecutor:
         return self.runners[index]
 
     def _rows_until(
-        self, work: Work, unit: InputUnit, end: int, progress: Progress, state: RunState
+        self,
+        work: Work,
+        unit: InputUnit,
+        end: int,
+        progress: Progress,
+        state: RunState,
+        skip_media: set[str] | None = None,
     ) -> tuple[list[Row], History]:
         start = execution.deepest_cache(work.out, work.plan, unit, end)
         if start is None:
@@ -67,6 +71,7 @@ class LocalExecutor:
                 work.run_id,
                 work.index.get(unit.shard_id),
                 work.drops.get(unit.shard_id, {}),
+                skip_media,
             )
             first = 0
         else:
@@ -77,27 +82,32 @@ class LocalExecutor:
             rows, history = self._runner(work, index, progress).run(unit.shard_id, rows, history)
         return rows, history
 
-    def _fit(self, work: Work, index: int, progress: Progress, state: RunState) -> None:
+    def _fit(self, work: Work, fit_pass: execution.FitPass, progress: Progress, state: RunState) -> None:
         plan = work.plan
-        folder = execution.artifact_rel(plan, index)
-        if read_fit(work.out, folder) is not None:
-            return
-        cap = execution.fit_cap(plan, index)
-        rate = sample_rate(cap, work.corpus_samples)
-        seed = execution.fit_seed(plan, index)
-        fields = sorted(plan.stages[index].fit_fields())
-        parts = []
-        for unit in work.corpus:
-            rows, _ = self._rows_until(work, unit, index, progress, state)
-            parts.append(fit_sample(rows, fields, seed, rate))
+        draws = fit_pass.draws(plan, work.corpus_samples)
+        skip_media = fit_pass.skip_media(plan)
+        parts: list[list[dict[str, list[Any]]]] = [[] for _ in draws]
+        with state.timed(f"fit:{plan.stages[fit_pass.steps[0]].name}"):
+            for unit in work.corpus:
+                rows, _ = self._rows_until(work, unit, fit_pass.end, progress, state, skip_media)
+                for step_parts, part in zip(parts, fit_samples(rows, draws), strict=True):
+                    step_parts.append(part)
+            self._fit_step(work, fit_pass.steps[0], parts[0])
+        for index, step_parts in zip(fit_pass.steps[1:], parts[1:], strict=True):
+            with state.timed(f"fit:{plan.stages[index].name}"):
+                self._fit_step(work, index, step_parts)
+
+    @staticmethod
+    def _fit_step(work: Work, index: int, parts: list[dict[str, list[Any]]]) -> None:
+        plan = work.plan
         execution.log.info("fitting %s on a sample of the corpus", plan.stages[index].name)
         fit_global(
             plan.recipe.stages[index],
             plan.stages[index].context,
             parts,
             work.out,
-            folder,
-            cap,
+            execution.artifact_rel(plan, index),
+            execution.fit_cap(plan, index),
             work.corpus_samples,
         )
 
@@ -105,9 +115,8 @@ class LocalExecutor:
         state = RunState(cluster={"executor": "local", "nodes": 1})
         progress = Progress([s.name for s in work.plan.stages], len(work.units), work.progress)
         try:
-            for index in execution.global_steps(work.plan):
-                with state.timed(f"fit:{work.plan.stages[index].name}"):
-                    self._fit(work, index, progress, state)
+            for fit_pass in execution.fit_passes(work.plan, work.out):
+                self._fit(work, fit_pass, progress, state)
             with state.timed("process"):
                 for unit in work.units:
                     if work.stop.is_set():

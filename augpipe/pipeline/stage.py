@@ -149,6 +149,9 @@ class Stage:
     default_backend: ClassVar[str | None] = None
     cacheable: ClassVar[bool] = True
     """Whether outputs are worth caching per shard (model stages); cheap filters set this False."""
+    keeps_rows: ClassVar[bool] = False
+    """Every row comes out once, unchanged but for the fields ``outputs()`` names (or fails): the engine
+    need not run this step where nothing after it reads those fields (a later stage's fit sample)."""
     needs_fit: ClassVar[bool] = False
     """Global stages (a GMM, a learned latent space) fit once over the whole corpus before processing."""
     reads_context: ClassVar[tuple[str, ...]] = ()

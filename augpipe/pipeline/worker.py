@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -241,17 +241,31 @@ def _row_rank(seed: int, row: Row) -> int:
     return derive_seed(seed, row["key"], "fit-sample", tuple(row.get("variant", ())))
 
 
-def fit_sample(rows: list[Row], fields: list[str], seed: int, rate: float) -> dict[str, list[Any]]:
+@dataclass(frozen=True)
+class FitDraw:
+    """What one global step's fit takes from each shard: ``fields`` of the rows its seeded sample keeps."""
+
+    fields: tuple[str, ...]
+    seed: int
+    rate: float
+
+
+def fit_sample(rows: list[Row], draw: FitDraw) -> dict[str, list[Any]]:
     """The fit fields of this shard's rows that fall in the seeded sample (rank below rate of the range)."""
-    bound = rate * 2**63
-    kept = [row for row in rows if rate >= 1.0 or _row_rank(seed, row) < bound]
+    bound = draw.rate * 2**63
+    kept = [row for row in rows if draw.rate >= 1.0 or _row_rank(draw.seed, row) < bound]
     columns: dict[str, list[Any]] = {
         "key": [r["key"] for r in kept],
-        "_rank": [_row_rank(seed, r) for r in kept],
+        "_rank": [_row_rank(draw.seed, r) for r in kept],
     }
-    for name in fields:
+    for name in draw.fields:
         columns[name] = [row.get(name) for row in kept]
     return columns
+
+
+def fit_samples(rows: list[Row], draws: list[FitDraw]) -> list[dict[str, list[Any]]]:
+    """This shard's part of each fit sample a pass draws."""
+    return [fit_sample(rows, draw) for draw in draws]
 
 
 def _merge_samples(parts: list[dict[str, list[Any]]], cap: int | None) -> dict[str, list[Any]]:

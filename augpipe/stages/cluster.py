@@ -76,6 +76,7 @@ class Cluster(Stage):
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=2.0)
     batch_size: ClassVar[int] = 4096
     cacheable: ClassVar[bool] = False
+    keeps_rows: ClassVar[bool] = True
     needs_fit: ClassVar[bool] = True
 
     settings: ClusterSettings

@@ -179,6 +179,7 @@ class Translate(Stage):
     resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=0.0, memory_gb=4.0)
     batch_size: ClassVar[int] = 1024
     cacheable: ClassVar[bool] = False
+    keeps_rows: ClassVar[bool] = True
     needs_fit: ClassVar[bool] = True
 
     settings: TranslateSettings

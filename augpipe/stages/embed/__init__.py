@@ -96,6 +96,7 @@ class Embed(Stage):
     batch_size: ClassVar[int] = 64
     backends: ClassVar[dict[str, type[Backend]]] = dict(BACKENDS)
     default_backend: ClassVar[str | None] = "sentence_transformers"
+    keeps_rows: ClassVar[bool] = True
 
     settings: EmbedSettings
     backend: EmbedBackend
