@@ -29,9 +29,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from augpipe.pipeline.config import ConfigError, StageEntry
+from augpipe.pipeline.execution import KEPT_ALWAYS
 from augpipe.pipeline.families import FilterStage, GeneratorStage
 from augpipe.pipeline.registry import build_stage, stage_class, stage_names
-from augpipe.pipeline.rows import RESERVED_FIELDS, Failure
+from augpipe.pipeline.rows import RESERVED_FIELDS, Failure, Row
 from augpipe.pipeline.stage import Stage, StageContext, StageSettings
 from augpipe.pipeline.worker import batches_by_key
 
@@ -275,6 +276,38 @@ def test_a_stage_that_keeps_rows_gives_each_row_back_once_with_only_its_outputs_
     assert stage.keeps_rows == (name in KEEP_ROWS)
     if stage.keeps_rows:
         assert keeps, f"{name} declares keeps_rows but changed, dropped or added rows"
+
+
+class ReadRecorder(dict):
+    """A row that notes every field a stage reads from it."""
+
+    def __init__(self, row: Row, reads: set[str]) -> None:
+        super().__init__(row)
+        self.reads = reads
+
+    def __getitem__(self, name: str) -> Any:
+        self.reads.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.reads.add(name)
+        return super().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        self.reads.add(str(name))
+        return super().__contains__(name)
+
+
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_a_stage_reads_only_the_fields_it_declares(name, backend, ready):
+    """The engine drops fields no later stage declares (``execution.dropped_fields``) before rows move
+    on: a stage reading an undeclared field would silently see it vanish."""
+    stage = ready[0]
+    reads: set[str] = set()
+    rows = [ReadRecorder(row, reads) for row in make_rows(stage, BATCH_ROWS)]
+    stage.process_batch(rows)
+    undeclared = reads - stage.inputs() - stage.fit_fields() - stage.outputs() - KEPT_ALWAYS
+    assert not undeclared, f"{name} reads {sorted(undeclared)} without declaring them in inputs()"
 
 
 # The stages that keep their rows; declaring it lets a fit pass skip them.

@@ -138,6 +138,27 @@ def deepest_cache(out: Store, plan: Plan, unit: InputUnit, limit: int) -> tuple[
     return None
 
 
+KEPT_ALWAYS = frozenset(
+    {"key", "variant", "lineage", "label", "label_name", "meta", "output_key", "sample_rate"}
+)
+
+
+def dropped_fields(plan: Plan, index: int) -> frozenset[str]:
+    """The fields rows leave step ``index`` without: input or stage fields that no later step, fit or
+    the output reads.
+
+    Rows travel between workers as Ray objects; cmda's rows would otherwise carry four embeddings and
+    the source image to the commit, which writes none of them (18 MB a 1,000-sample shard instead of 9).
+    Fields no recipe declares (scores, a backend's extras) and the source fields always stay. A step's
+    cache holds its rows before this, so a changed downstream stage can still read what it needs.
+    """
+    declared = set(plan.recipe.input).union(*(stage.outputs() for stage in plan.stages[: index + 1]))
+    later = plan.stages[index + 1 :]
+    needed = set(plan.output.output.values()) | set(plan.output.scores) | KEPT_ALWAYS
+    needed = needed.union(*(stage.inputs() | stage.fit_fields() for stage in later))
+    return frozenset(declared - needed)
+
+
 def global_steps(plan: Plan) -> list[int]:
     return [i for i, stage in enumerate(plan.stages) if stage.needs_fit]
 

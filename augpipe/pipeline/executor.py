@@ -312,6 +312,7 @@ class RayExecutor:
             execution.cached_steps(plan)[index],
             execution.artifact_rel(plan, index) if stage.needs_fit else None,
             _Reporter(self.sink_name),
+            execution.dropped_fields(plan, index),
         )
 
     def _pool(self, work: Work, index: int) -> _Pool:

@@ -51,6 +51,7 @@ class LocalExecutor:
                 cache=execution.cached_steps(plan)[index],
                 fitted=execution.artifact_rel(plan, index) if stage.needs_fit else None,
                 on_batch=progress.add,
+                drop=execution.dropped_fields(plan, index),
             )
         return self.runners[index]
 

@@ -152,6 +152,7 @@ class StageRunner:
         cache: bool = False,
         fitted: str | None = None,
         on_batch: BatchReport | None = None,
+        drop: frozenset[str] = frozenset(),
     ) -> None:
         self.stage = build_stage(entry, context)
         self.stage.check()
@@ -164,6 +165,8 @@ class StageRunner:
         self.cache = cache
         self.run_id = run_id
         self.on_batch = on_batch
+        self.drop = drop
+        """Fields the rows leave this step without (``execution.dropped_fields``)."""
 
     def ping(self) -> bool:
         """Answers once the stage is loaded: the executor's check that a worker is alive."""
@@ -188,7 +191,8 @@ class StageRunner:
         return rows, [f for f in produced if isinstance(f, Failure)]
 
     def run(self, shard_id: str, rows: list[Row], history: History) -> tuple[list[Row], History]:
-        """Process one shard's rows; save them to the cache when this step is cached."""
+        """Process one shard's rows; save them to the cache when this step is cached, then hand them on
+        without the fields no later step reads."""
         started = time.perf_counter()
         self.stage.stats.clear()
         out: list[Row] = []
@@ -214,6 +218,8 @@ class StageRunner:
         history["failures"].extend(asdict(f) for f in failures)
         if self.cache:
             self._save(shard_id, out, history)
+        if self.drop:
+            out = [{k: v for k, v in row.items() if k not in self.drop} for row in out]
         return out, history
 
     def _save(self, shard_id: str, rows: list[Row], history: History) -> None:
