@@ -27,7 +27,7 @@ from augpipe.pipeline import layout
 from augpipe.pipeline.config import plain
 from augpipe.pipeline.index import IndexSummary
 from augpipe.pipeline.inputs import InputUnit
-from augpipe.pipeline.plan import Plan
+from augpipe.pipeline.plan import SOURCE_FIELDS, Plan
 from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.storage import Store
 from augpipe.pipeline.worker import FitDraw, read_fit, sample_rate
@@ -138,9 +138,8 @@ def deepest_cache(out: Store, plan: Plan, unit: InputUnit, limit: int) -> tuple[
     return None
 
 
-KEPT_ALWAYS = frozenset(
-    {"key", "variant", "lineage", "label", "label_name", "meta", "output_key", "sample_rate"}
-)
+KEPT_ALWAYS = SOURCE_FIELDS | {"label_name", "output_key", "sample_rate"}
+"""The source fields, and those the commit or a stage may read without any stage declaring them."""
 
 
 def dropped_fields(plan: Plan, index: int) -> frozenset[str]:
