@@ -131,20 +131,20 @@ class RefusingHead:
 
 @pytest.fixture()
 def refusing_head(monkeypatch):
-    from augpipe.pipeline import executor
+    from augpipe.pipeline import ray_cluster
 
     def install(failures: int) -> RefusingHead:
         head = RefusingHead(failures)
-        monkeypatch.setattr(executor.ray, "is_initialized", lambda: False)
-        monkeypatch.setattr(executor.ray, "init", head)
-        monkeypatch.setattr(executor, "CLIENT_RETRY_DELAY_S", 0.0)
+        monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray_cluster.ray, "init", head)
+        monkeypatch.setattr(ray_cluster, "CLIENT_RETRY_DELAY_S", 0.0)
         return head
 
     return install
 
 
 def test_a_client_connection_the_head_fails_to_serve_is_retried(refusing_head, caplog):
-    from augpipe.pipeline.executor import CLIENT_CONNECT_ATTEMPTS, init_ray
+    from augpipe.pipeline.ray_cluster import CLIENT_CONNECT_ATTEMPTS, init_ray
 
     head = refusing_head(CLIENT_CONNECT_ATTEMPTS - 1)
     assert init_ray("ray://head:10001") is True
@@ -153,7 +153,7 @@ def test_a_client_connection_the_head_fails_to_serve_is_retried(refusing_head, c
 
 
 def test_a_head_that_never_serves_the_client_fails_the_run_after_the_retries(refusing_head):
-    from augpipe.pipeline.executor import CLIENT_CONNECT_ATTEMPTS, init_ray
+    from augpipe.pipeline.ray_cluster import CLIENT_CONNECT_ATTEMPTS, init_ray
 
     head = refusing_head(CLIENT_CONNECT_ATTEMPTS)
     with pytest.raises(ConnectionAbortedError):
@@ -163,7 +163,7 @@ def test_a_head_that_never_serves_the_client_fails_the_run_after_the_retries(ref
 
 def test_a_gcs_address_is_not_retried(refusing_head):
     """A GCS address that refuses is a configuration fault, which the pre-flight probe has already named."""
-    from augpipe.pipeline.executor import init_ray
+    from augpipe.pipeline.ray_cluster import init_ray
 
     head = refusing_head(1)
     with pytest.raises(ConnectionAbortedError):

@@ -63,9 +63,9 @@ def counted_reads(monkeypatch) -> list[tuple[str, frozenset[str]]]:
     return reads
 
 
-def run_precomputed(corpus: Path, out: Path) -> bytes:
+def run_precomputed(corpus: Path, out: Path, executor: str = "local", sets: tuple[str, ...] = ()) -> bytes:
     result = run_recipe(
-        load_recipe("cmda-precomputed", sets=SMALL), corpus, out, executor="local", progress=False
+        load_recipe("cmda-precomputed", sets=[*SMALL, *sets]), corpus, out, executor=executor, progress=False
     )
     assert result.ok, result.manifest["failures"]
     return b"".join(p.read_bytes() for p in sorted(out.glob("*.tar")))
@@ -95,3 +95,25 @@ def test_steps_an_earlier_run_fitted_are_not_drawn_again(tmp_path):
     cluster_fit = next((out / "_augpipe/artifacts").glob("cluster-*/fit.json"))
     cluster_fit.unlink()
     assert fit_passes(plan, Store(out)) == [FitPass((1,), 0)]
+
+
+def test_ray_merges_fit_parts_in_chunks_and_writes_what_the_local_executor_writes(
+    tmp_path, ray_session, monkeypatch
+):
+    """Small parts stay in the driver's memory until a task reads them, so they are merged as they come."""
+    from augpipe.pipeline import executor, ray_dispatch
+
+    monkeypatch.setattr(ray_dispatch, "MERGE_CHUNK", 2)
+    parts_per_fit: list[int] = []
+    real_fit_step = executor.RayExecutor._fit_step
+
+    def counting(self, work, index, parts):
+        parts_per_fit.append(len(parts))
+        return real_fit_step(self, work, index, parts)
+
+    monkeypatch.setattr(executor.RayExecutor, "_fit_step", counting)
+    corpus = precomputed_corpus(tmp_path / "in", shards=5, per_shard=12)
+    sampled = ("latent_space.fit_max_rows=30", "cluster.fit_max_rows=30")
+    on_ray = run_precomputed(corpus, tmp_path / "ray", "ray", sampled)
+    assert parts_per_fit == [3, 3], "two merged chunks of two shards each, and the fifth shard's part"
+    assert on_ray == run_precomputed(corpus, tmp_path / "local", "local", sampled)

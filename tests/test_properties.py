@@ -23,6 +23,7 @@ from augpipe.methods.cmda import WEIGHT_MODES, cmda_weights, soft_labels
 from augpipe.methods.mixup import mix_pair, mixup_batch
 from augpipe.methods.text_distance import normalize_text
 from augpipe.pipeline.config import Limits
+from augpipe.pipeline.fitting import merge_parts
 from augpipe.pipeline.inputs import discover_inputs
 from augpipe.pipeline.reader import read_unit
 from augpipe.pipeline.stage import StageContext
@@ -290,3 +291,27 @@ def test_select_records_its_seed_and_candidate_and_dedupes_non_text_values():
     numbers = [{"key": "k", "variant": (i,), "lineage": {}, "label": v} for i, v in enumerate([3, 3, 4])]
     picked = select(5, dedupe="label").process_batch(numbers)
     assert sorted(r["label"] for r in picked) == [3, 4]
+
+
+# ------------------------------------------------------------------------------------ fit samples
+
+
+@st.composite
+def sample_parts(draw) -> list[dict[str, list]]:
+    """Per-shard parts of a fit sample: keys, 63-bit ranks (ties allowed) and one fit field."""
+    parts = []
+    for shard in range(draw(st.integers(0, 8))):
+        ranks = draw(st.lists(st.integers(0, 2**63 - 1) | st.sampled_from([0, 7, 2**62]), max_size=6))
+        keys = [f"s{shard}k{i}" for i in range(len(ranks))]
+        parts.append({"key": keys, "_rank": ranks, "x": [f"{k}-x" for k in keys]})
+    return parts
+
+
+@SETTINGS
+@given(parts=sample_parts(), chunk=st.integers(1, 4), cap=st.none() | st.integers(0, 12))
+def test_merging_fit_parts_chunk_by_chunk_gives_the_sample_merging_them_at_once_gives(parts, chunk, cap):
+    chunks = [merge_parts(parts[i : i + chunk], cap) for i in range(0, len(parts), chunk)]
+    at_once = merge_parts(parts, cap)
+    assert merge_parts(chunks, cap) == at_once
+    assert at_once["_rank"] == sorted(at_once["_rank"])
+    assert len(at_once["key"]) == min(sum(len(p["key"]) for p in parts), cap if cap is not None else 10**9)

@@ -6,8 +6,8 @@ import pytest
 import ray
 
 from augpipe.pipeline.config import load_recipe
-from augpipe.pipeline.executor import fit_resources
 from augpipe.pipeline.plan import build_plan
+from augpipe.pipeline.ray_cluster import fit_resources
 
 
 def stages(profile: str, sets: tuple[str, ...] = ()):

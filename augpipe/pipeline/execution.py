@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 from augpipe.pipeline import layout
 from augpipe.pipeline.config import plain
+from augpipe.pipeline.fitting import FitDraw, read_fit, sample_rate
 from augpipe.pipeline.index import IndexSummary
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.plan import SOURCE_FIELDS, Plan
 from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.storage import Store
-from augpipe.pipeline.worker import FitDraw, read_fit, sample_rate
 
 log = logging.getLogger("augpipe")
 

@@ -10,19 +10,12 @@ from typing import Any
 
 from augpipe.pipeline import execution
 from augpipe.pipeline.execution import Progress, RunAborted, RunState, Work, log
+from augpipe.pipeline.fitting import fit_global, fit_samples
 from augpipe.pipeline.index import IndexSummary, by_file, find_duplicates, index_file
 from augpipe.pipeline.inputs import InputUnit
 from augpipe.pipeline.rows import Row
 from augpipe.pipeline.storage import Store, is_storage_error
-from augpipe.pipeline.worker import (
-    History,
-    StageRunner,
-    commit_shard,
-    fit_global,
-    fit_samples,
-    read_cached,
-    read_source,
-)
+from augpipe.pipeline.worker import History, StageRunner, commit_shard, read_cached, read_source
 
 
 class LocalExecutor:

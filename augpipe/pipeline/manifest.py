@@ -22,11 +22,11 @@ import jsonschema
 import augpipe
 from augpipe.pipeline import layout
 from augpipe.pipeline.execution import global_steps
+from augpipe.pipeline.fitting import read_fit
 from augpipe.pipeline.plan import Plan
 from augpipe.pipeline.records import StageRecord, StageTotal
 from augpipe.pipeline.rowcodec import json_default
 from augpipe.pipeline.storage import Store
-from augpipe.pipeline.worker import read_fit
 
 SCHEMA_VERSION = "2.0"
 EXAMPLES = 20

@@ -112,7 +112,8 @@ def make_executor(name: str, cluster: ClusterAddress | None) -> tuple[Executor, 
         from augpipe.pipeline.local_executor import LocalExecutor
 
         return LocalExecutor(), False
-    from augpipe.pipeline.executor import RayExecutor, init_ray
+    from augpipe.pipeline.executor import RayExecutor
+    from augpipe.pipeline.ray_cluster import init_ray
 
     started = init_ray(cluster.text if cluster is not None else "local")
     return RayExecutor(), started
@@ -265,7 +266,7 @@ def _run_locked(
         state.phases = {"index": index_s, **state.phases}
     finally:
         if started_ray:
-            from augpipe.pipeline.executor import shutdown
+            from augpipe.pipeline.ray_cluster import shutdown
 
             shutdown()
         if state is None or state.interrupted or state.aborted is not None:

@@ -1,4 +1,5 @@
-"""What runs inside workers: reading a unit, a stage over one shard's rows, the cache, the fit, the commit.
+"""What runs inside workers: reading a unit, a stage over one shard's rows, the cache, the commit (fitting a
+global stage is in ``fitting``).
 
 Nothing here imports Ray: both executors call these functions, the Ray one inside actors and tasks. A
 shard's ``history`` (its input identity, per-stage records and every failure so far) travels with its rows,
@@ -14,12 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from augpipe.pipeline import layout
@@ -30,15 +30,13 @@ from augpipe.pipeline.reader import READ_STAGE, read_unit
 from augpipe.pipeline.records import StageRecord
 from augpipe.pipeline.registry import build_stage
 from augpipe.pipeline.rowcodec import rows_to_table, table_to_rows
-from augpipe.pipeline.rows import Failure, Row, candidate_id, derive_seed
+from augpipe.pipeline.rows import Failure, Row, candidate_id
 from augpipe.pipeline.sidecar import OutputSpec, label_counts
 from augpipe.pipeline.stage import StageContext
 from augpipe.pipeline.storage import Store
 from augpipe.pipeline.writer import write_quarantine, write_shard, write_stats
 
 History = dict[str, Any]
-FIT_RECORD = "fit.json"
-ARTIFACT_FORMAT = 1
 FAILURE_EXAMPLES = 5
 BatchReport = Callable[[str, int], None]
 """Called after every batch a stage finishes: (step name, rows it produced)."""
@@ -228,99 +226,6 @@ class StageRunner:
         pq.write_table(rows_to_table(rows), buffer)
         self.out.write_bytes(parquet, buffer.getvalue())
         self.out.write_bytes(history_file, json.dumps(history, default=str).encode())
-
-
-# ------------------------------------------------------------------------------------------- fitting
-
-
-def sample_rate(cap: int | None, corpus_samples: int) -> float:
-    """The share of rows a fit sample keeps: everything on small corpora, about ``cap`` rows on large ones.
-
-    A little above cap/N so the hash threshold rarely leaves the sample short; ``fit_global`` trims it.
-    """
-    if cap is None or corpus_samples <= cap:
-        return 1.0
-    return min(1.0, 1.1 * cap / corpus_samples)
-
-
-def _row_rank(seed: int, row: Row) -> int:
-    return derive_seed(seed, row["key"], "fit-sample", tuple(row.get("variant", ())))
-
-
-@dataclass(frozen=True)
-class FitDraw:
-    """What one global step's fit takes from each shard: ``fields`` of the rows its seeded sample keeps."""
-
-    fields: tuple[str, ...]
-    seed: int
-    rate: float
-
-
-def fit_sample(rows: list[Row], draw: FitDraw) -> dict[str, list[Any]]:
-    """The fit fields of this shard's rows that fall in the seeded sample (rank below rate of the range)."""
-    bound = draw.rate * 2**63
-    kept = [row for row in rows if draw.rate >= 1.0 or _row_rank(draw.seed, row) < bound]
-    columns: dict[str, list[Any]] = {
-        "key": [r["key"] for r in kept],
-        "_rank": [_row_rank(draw.seed, r) for r in kept],
-    }
-    for name in draw.fields:
-        columns[name] = [row.get(name) for row in kept]
-    return columns
-
-
-def fit_samples(rows: list[Row], draws: list[FitDraw]) -> list[dict[str, list[Any]]]:
-    """This shard's part of each fit sample a pass draws."""
-    return [fit_sample(rows, draw) for draw in draws]
-
-
-def _merge_samples(parts: list[dict[str, list[Any]]], cap: int | None) -> dict[str, list[Any]]:
-    """Concatenate per-shard samples and keep the ``cap`` lowest ranks, in rank order (input-order free)."""
-    names = list(parts[0]) if parts else ["key", "_rank"]
-    merged = {name: [v for part in parts for v in part[name]] for name in names}
-    order = np.argsort(np.asarray(merged["_rank"], dtype=np.uint64), kind="stable")
-    if cap is not None:
-        order = order[:cap]
-    return {name: [merged[name][i] for i in order] for name in names if name != "_rank"}
-
-
-def fit_global(
-    entry: StageEntry,
-    context: StageContext,
-    parts: list[dict[str, list[Any]]],
-    out: Store,
-    folder: str,
-    cap: int | None,
-    corpus_samples: int,
-) -> dict[str, Any]:
-    """Fit a global stage once on the corpus sample; its record is written last, so a half fit is unused."""
-    stage = build_stage(entry, context)
-    stage.check()
-    stage.setup()
-    columns = _merge_samples(parts, cap)
-    started = time.perf_counter()
-    with artifact_folder(out, folder, upload=True) as local:
-        summary = stage.fit(columns, local)
-    record = {
-        "format": ARTIFACT_FORMAT,
-        "stage": stage.name,
-        "describe": stage.describe(),
-        "rows": len(columns.get("key", [])),
-        "corpus_samples": corpus_samples,
-        "fit_max_rows": cap,
-        "fit_s": time.perf_counter() - started,
-        "summary": summary,
-    }
-    out.write_bytes(f"{folder}/{FIT_RECORD}", json.dumps(record, indent=1, default=str).encode())
-    return record
-
-
-def read_fit(out: Store, folder: str) -> dict[str, Any] | None:
-    """The fit record of a global stage, or None if it was never completed."""
-    try:
-        return json.loads(out.read_bytes(f"{folder}/{FIT_RECORD}"))
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------ committing
