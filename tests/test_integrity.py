@@ -145,6 +145,25 @@ def test_outputs_of_vanished_inputs_are_set_aside(corpus):
     assert validate_corpus(out) == []
 
 
+def test_a_run_log_on_a_full_disk_stops_quietly_and_says_so_once(capsys, caplog):
+    """The run log shares the output's disk: when that fills, the log file must not crash the run's
+    clean stop (its last flush used to raise on close: exit 1 instead of 6) nor print a traceback per line."""
+    from augpipe.pipeline.execution import log
+    from augpipe.pipeline.runlog import RunLogHandler
+
+    handler = RunLogHandler("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    log.addHandler(handler)
+    try:
+        for i in range(3):
+            log.warning("shard-%05d failed", i)
+    finally:
+        log.removeHandler(handler)
+    handler.close()
+    warnings = [r.getMessage() for r in caplog.records if "is no longer written" in r.getMessage()]
+    assert warnings == ["the run log /dev/full is no longer written: [Errno 28] No space left on device"]
+    assert "Logging error" not in capsys.readouterr().err
+
+
 @pytest.fixture()
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs mount (needs root, as CI and the dev machines have)."""

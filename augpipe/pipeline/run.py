@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 import resource
 import threading
 import time
@@ -32,6 +31,7 @@ from augpipe.pipeline.inputs import InputUnit, discover_inputs
 from augpipe.pipeline.lock import OutputLock
 from augpipe.pipeline.manifest import ManifestError, build_manifest, read_manifest, run_record, write_manifest
 from augpipe.pipeline.plan import Plan, build_plan
+from augpipe.pipeline.runlog import close_run_log, open_run_log
 from augpipe.pipeline.storage import StorageError, Store, is_storage_error
 
 
@@ -313,28 +313,9 @@ def run_recipe(
         lock = OutputLock.acquire(store, run_id)
     except OSError as exc:
         raise StorageError(f"{store.display()} is not writable: {exc.strerror or exc}") from exc
-    handler = _log_to_file(store, run_id)
+    handler = open_run_log(store, run_id)
     try:
         return _run_locked(plan, units, store, run_id, options, cluster)
     finally:
-        _close_log(handler)
+        close_run_log(handler)
         lock.release()
-
-
-def _log_to_file(store: Store, run_id: str) -> logging.Handler | None:
-    """The run's full log (tracebacks included) under ``_augpipe/logs/``; local outputs only."""
-    if store.remote:
-        return None
-    path = store.local_path(f"{layout.LOGS_DIR}/{run_id}.log")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("augpipe").addHandler(handler)
-    return handler
-
-
-def _close_log(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger("augpipe").removeHandler(handler)
-        handler.close()
