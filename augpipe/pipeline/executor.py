@@ -18,7 +18,8 @@ Fault tolerance uses Ray's own mechanisms, bounded:
 
 Global stages fit on a seeded sample. Each shard's part of it stays with Ray; tasks merge the parts
 ``MERGE_CHUNK`` at a time as shards finish, and the merged parts go straight into the fit task. The
-driver holds references, and at most one chunk of parts small enough for Ray to keep in its memory.
+driver holds references, and the parts small enough for Ray to keep in its memory once, as the merge
+tasks' lineage (what rebuilds a merged part lost with a node).
 """
 
 from __future__ import annotations

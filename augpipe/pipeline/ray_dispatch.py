@@ -243,7 +243,8 @@ class Drive:
 
     def _collect(self, draw: int, ref: Any) -> None:
         """Keep a shard's part of a fit sample; every ``MERGE_CHUNK`` parts become one merged part (the
-        same sample: see ``fitting.merge_parts``), so the driver holds at most one chunk of small parts."""
+        same sample: see ``fitting.merge_parts``) that lives in the object store. The small parts stay
+        in the driver only as the merge task's lineage, not again inside the fit task's arguments."""
         unmerged = self.unmerged[draw]
         unmerged.append(ref)
         if len(unmerged) >= MERGE_CHUNK:
