@@ -450,6 +450,15 @@ def test_generator_base_fails_a_batch_whose_backend_returns_too_few_results():
         toy.process_batch(_toy_rows())
 
 
+def test_generator_base_never_calls_its_backend_for_a_batch_without_jobs():
+    """Real backends (a TTS voice, a diffusion pipeline) are not asked to run on an empty list."""
+    toy = _ToyGenerator(StageSettings(), CONTEXT)
+    calls: list[list] = []
+    toy.run_jobs = lambda jobs: calls.append(jobs) or []
+    out = toy.process_batch([{"key": "b", "text": ""}])
+    assert [f.cause for f in out] == ["empty"] and calls == []
+
+
 def test_filter_base_counts_each_drop_by_reason():
     class Toy(FilterStage):
         name = "toy_filter"
