@@ -9,7 +9,17 @@ import tarfile
 
 import pytest
 
-from augpipe.pipeline.tarscan import BLOCK, Damage, Member, scan_members, tarfile_members
+from augpipe.pipeline.tarscan import (
+    BLOCK,
+    Damage,
+    Member,
+    Sample,
+    Skipped,
+    read_member,
+    scan_members,
+    scan_samples,
+    tarfile_members,
+)
 
 
 def archive(*members: tuple[str, bytes | str], end: bool = True) -> bytes:
@@ -130,3 +140,39 @@ def test_a_link_whose_header_claims_a_size_takes_no_data_and_the_next_member_fol
         Member("x.lnk", BLOCK, 0, "symlink", "target"),
         Member("b.txt", 2 * BLOCK, 1, "file"),
     ]
+
+
+def test_samples_group_members_and_account_for_folders_bare_names_and_links() -> None:
+    blob = archive(
+        ("d/", tarfile.DIRTYPE.decode()),
+        ("a.txt", b"1"),
+        ("a.json", b"{}"),
+        ("README", b"notes"),
+        ("bare", tarfile.SYMTYPE.decode()),
+        ("b.txt", b"2"),
+        ("b.lnk", tarfile.SYMTYPE.decode()),
+    )
+    found = list(scan_samples(io.BytesIO(blob), len(blob)))
+    skipped = [(item.member.name, item.reason) for item in found if isinstance(item, Skipped)]
+    assert skipped == [
+        ("d", "a folder entry"),
+        ("README", "a file name without an extension (WebDataset ignores it)"),
+    ]
+    samples = {item.key: item for item in found if isinstance(item, Sample)}
+    assert sorted(samples) == ["a", "b", "bare"] and len(found) == 5
+    assert sorted(samples["a"].members) == ["json", "txt"] and samples["a"].others == []
+    assert samples["bare"].members == {} and [m.kind for m in samples["bare"].others] == ["symlink"]
+    assert list(samples["b"].members) == ["txt"] and [m.name for m in samples["b"].others] == ["b.lnk"]
+
+
+def test_a_member_cut_by_truncation_takes_its_open_sample_with_it() -> None:
+    blob = archive(("a.txt", b"1"), ("b.txt", b"2"), ("b.bin", b"y" * 2000))[: 5 * BLOCK + 100]
+    found = list(scan_samples(io.BytesIO(blob), len(blob)))
+    assert [type(item).__name__ for item in found] == ["Sample", "Damage"]
+    assert found[0].key == "a" and found[1].member == "b.bin"
+
+
+def test_an_empty_file_is_damage_and_a_short_read_names_the_member() -> None:
+    assert list(scan_members(io.BytesIO(b""), 0)) == [Damage(0, "the file is empty (0 bytes)")]
+    with pytest.raises(EOFError, match=r"^member a.txt ends early \(1 of 5 bytes\)$"):
+        read_member(io.BytesIO(b"x" * 513), Member("a.txt", 512, 5, "file"))
