@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from sklearn.decomposition import PCA
 
 from augpipe.methods.cmda import cluster_batches, cmda_weights, generate, permuted_batches, select_gmm_bic
@@ -25,6 +26,7 @@ from augpipe.pipeline.plan import build_plan
 from augpipe.pipeline.reader import read_unit
 from augpipe.pipeline.rows import Failure
 from augpipe.pipeline.stage import StageContext
+from augpipe.stages._pools import class_index, row_ident, shard_seed, soft_label_json, sorted_rows, to_image
 from augpipe.stages.cluster import Cluster
 from augpipe.stages.embed import Embed
 from augpipe.stages.geodesic_mixup import GeodesicMixup
@@ -509,3 +511,255 @@ def test_embeddings_from_the_input_sidecar_are_used_as_given(demo_text, shards, 
         out = interpolate.process_batch(rows)
         assert len(out) == K * len(rows) and all(o["generated_image"].mode == "RGB" for o in out)
         assert all("embed" not in o["lineage"] for o in out)
+
+
+# ------------------------------------------------------ pool helpers and interpolate on synthetic rows
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """An RGB image whose red channel encodes x (40 + 2x) and green channel y (40 + 2y)."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = 40 + 2 * np.arange(width)[None, :]
+    pixels[..., 1] = 40 + 2 * np.arange(height)[:, None]
+    pixels[..., 2] = 128
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("width,height", [(80, 40), (40, 80)])
+def test_fit_image_scales_to_cover_keeping_the_aspect_then_crops_the_centre(width: int, height: int) -> None:
+    """A wide and a tall image brought to 20×20: scaled by ½ (the short side fits), never stretched, and
+    the middle kept. Output pixel i then shows source position 2(i + offset) + ½, offset = (W/2 − 20)/2."""
+    out = np.asarray(fit_image(gradient(width, height), (20, 20)), dtype=np.float64)
+    assert out.shape == (20, 20, 3)
+    i = np.arange(20)
+    left, top = (width // 2 - 20) // 2, (height // 2 - 20) // 2
+    np.testing.assert_allclose(
+        out[..., 0], np.broadcast_to(40 + 2 * (2 * (i + left) + 0.5), (20, 20)), atol=1
+    )
+    np.testing.assert_allclose(
+        out[..., 1], np.broadcast_to(40 + 2 * (2 * (i[:, None] + top) + 0.5), (20, 20)), atol=1
+    )
+
+
+def test_fit_image_makes_every_mode_rgb_and_keeps_an_image_of_the_right_size() -> None:
+    """Pools stack pixels as H×W×3, so greyscale, palette and alpha images must come out RGB."""
+    for mode in ("L", "P", "RGBA"):
+        image = gradient(12, 10).convert(mode)
+        for size in ((12, 10), (6, 6)):
+            fitted = fit_image(image, size)
+            assert fitted.mode == "RGB" and fitted.size == size
+            assert np.asarray(fitted).shape == (size[1], size[0], 3)
+    same = gradient(12, 10)
+    assert np.array_equal(np.asarray(fit_image(same, (12, 10))), np.asarray(same))
+
+
+def test_to_image_rounds_and_saturates_instead_of_wrapping() -> None:
+    """Reference-mode weights do not sum to 1, so a mixed pixel can pass 255: it must saturate at 255,
+    not wrap to a dark value in uint8."""
+    image = to_image(np.array([[[-3.0, 127.4, 255.6], [300.0, 0.5, 1.5]]]))
+    assert image.mode == "RGB" and image.size == (2, 1)
+    assert np.asarray(image).tolist() == [[[0, 127, 255], [255, 0, 2]]]
+
+
+def test_rows_are_named_ordered_and_seeded_by_key_and_variant() -> None:
+    """Lineage names a fanned-out row ``key:variant``; pools see rows in (key, variant) order whatever
+    order they arrive in; the shard seed depends on the run seed, the stage and the rows' identities."""
+    assert row_ident({"key": "a", "variant": ()}) == "a" and row_ident({"key": "a"}) == "a"
+    assert row_ident({"key": "a", "variant": (1, 2)}) == "a:1-2"
+    rows = [
+        {"key": "b"},
+        {"key": "a", "variant": (1,)},
+        {"key": "a", "variant": (0, 2)},
+        {"key": "a", "variant": ()},
+    ]
+    assert [row_ident(r) for r in sorted_rows(rows)] == ["a", "a:0-2", "a:1", "b"]
+    assert [row_ident(r) for r in sorted_rows(rows[::-1])] == ["a", "a:0-2", "a:1", "b"]
+
+    seed = shard_seed(0, rows, "interpolate")
+    assert shard_seed(0, rows[::-1], "interpolate") == seed  # order-free
+    assert shard_seed(1, rows, "interpolate") != seed
+    assert shard_seed(0, rows, "mixup") != seed
+    assert shard_seed(0, rows[:3], "interpolate") != seed
+    other_variant = [*rows[:3], {"key": "a", "variant": (2,)}]
+    assert shard_seed(0, other_variant, "interpolate") != seed
+
+
+def test_soft_label_json_names_the_non_zero_classes_with_sorted_keys() -> None:
+    assert soft_label_json(np.array([0.25, 0.0, 0.75]), ["cat", "cow", "dog"]) == '{"cat": 0.25, "dog": 0.75}'
+    assert soft_label_json(np.zeros(3), ["cat", "cow", "dog"]) is None
+    classes, idx = class_index([{"label": "dog"}, {"label": None}, {"label": "cat"}, {"label": 3}, {}])
+    assert classes == ["3", "cat", "dog"]
+    labelled = idx >= 0
+    assert labelled.tolist() == [True, False, True, True, False] and idx[labelled].tolist() == [2, 1, 0]
+
+
+def synthetic(key: str, variant: tuple[int, ...] | None, rng: np.random.Generator, **fields: object) -> dict:
+    """A row as interpolate finds it: 4-d student and teacher latents in the common space."""
+    row = {
+        "key": key,
+        "student_latent": rng.normal(size=4).astype(np.float32),
+        "teacher_latent": rng.normal(size=4).astype(np.float32),
+        **fields,
+    }
+    if variant is not None:
+        row["variant"] = variant
+    return row
+
+
+def image_shard() -> tuple[list[dict], list[dict]]:
+    """Fanned-out rows of mixed image sizes and modes (the first in key order, a:0, is 12×10): cat and
+    dog in cluster 0 beside one unlabelled row, an unlabelled cluster 1; then one bad row per cause."""
+    rng = np.random.default_rng(5)
+    m2 = {"cluster": {"m": 2}}
+    spec = [
+        ("a", (0,), "cat", 0, gradient(12, 10)),
+        ("a", (1,), "dog", 0, gradient(16, 16)),
+        ("b", (0,), "cat", 0, gradient(8, 20).convert("L")),
+        ("b", (1,), "dog", 0, gradient(20, 8).convert("P")),
+        ("c", (0,), None, 0, gradient(12, 10)),
+        ("d", (0,), None, 1, gradient(10, 12)),
+        ("e", (0,), None, 1, gradient(12, 10).convert("RGBA")),
+    ]
+    good = [
+        synthetic(k, v, rng, label=lab, cluster=c, image=im, lineage=json.loads(json.dumps(m2)))
+        for k, v, lab, c, im in spec
+    ]
+    bad = [
+        synthetic("f", (0,), rng, cluster=0, image=gradient(12, 10), lineage={}),
+        synthetic("g", (0,), rng, cluster=0, image=gradient(12, 10), lineage={}),
+        synthetic("h", (0,), rng, cluster=0, image=gradient(12, 10), lineage={}),
+        synthetic("i", (0,), rng, cluster=0, image=b"not decoded", lineage={}),
+        synthetic("j", (0,), rng, cluster="1", image=gradient(12, 10), lineage={}),
+    ]
+    del bad[0]["student_latent"]
+    bad[1]["teacher_latent"] = np.ones(5, np.float32)
+    bad[2]["teacher_latent"] = np.zeros(4, np.float32)
+    return good, bad
+
+
+def test_interpolate_names_fanned_out_rows_writes_renormalised_soft_labels_and_says_why_rows_fail() -> None:
+    good, bad = image_shard()
+    stage = make(Interpolate, soft_label=True)
+    assert stage.outputs() == {"generated_image", "soft_label"}
+    arrived = [*bad[::-1], *good[::-1]]  # reversed: a:1 before a:0, as a fan-out may hand them on
+    out = stage.process_batch(arrived)
+    failures = [o for o in out if isinstance(o, Failure)]
+    assert [(f.key, f.cause) for f in failures] == [
+        ("f", "missing_field"),
+        ("g", "missing_field"),
+        ("h", "zero_teacher_latent"),
+        ("i", "missing_field"),
+        ("j", "missing_field"),
+    ]
+    rows = {row_ident(r): r for r in good}
+    children = out[: len(out) - len(failures)]
+    assert len(children) == K * len(good)
+    seed = shard_seed(CTX.run_seed, good, "interpolate")  # the pool's rows only: failed rows do not count
+    for child in children:
+        info = child["lineage"]["interpolate"]
+        source = rows[info["anchor"]]
+        assert info["anchor"] == f"{child['key']}:{child['variant'][0]}"  # the fanned-out row, by name
+        assert child["variant"] == (*source["variant"], info["pass_index"])
+        assert {
+            k: info[k] for k in ("mode", "pool", "pool_size", "permutation_seed", "student", "teacher")
+        } == {
+            "mode": "rownorm_cra",
+            "pool": "batch",
+            "pool_size": 128,
+            "permutation_seed": seed,
+            "student": "image",
+            "teacher": "text",
+        }
+        assert (
+            info["latents"] == ["student_latent", "teacher_latent"] and info["label_policy"] == "anchor+soft"
+        )
+        assert (info["cluster"], info["m"], info["pool_index"], info["pool_members"]) == (
+            source["cluster"],
+            2,
+            0,
+            7,
+        )
+        assert info["image_size"] == [12, 10] and child["generated_image"].size == (12, 10)
+        assert child["generated_image"].mode == "RGB"
+        want = sum(
+            w * np.asarray(fit_image(rows[name]["image"], (12, 10)), np.float64)
+            for name, w in zip(info["contributors"], info["weights"], strict=True)
+        )
+        got = np.asarray(child["generated_image"], np.float64)
+        assert np.abs(got - np.clip(np.rint(want), 0, 255)).max() <= 1
+        labelled: dict[str, float] = {}
+        for name, w in zip(info["contributors"], info["weights"], strict=True):
+            if rows[name]["label"] is not None:
+                labelled[rows[name]["label"]] = labelled.get(rows[name]["label"], 0.0) + w
+        if source["cluster"] == 1:  # no labelled contributor (the DCA mask keeps cluster 1 to itself)
+            assert not labelled and child["soft_label"] is None
+        else:  # renormalised over the labelled contributors; the unlabelled c:0 contributes no class
+            assert "c:0" in info["contributors"]
+            total = sum(labelled.values())
+            assert json.loads(child["soft_label"]) == pytest.approx(
+                {c: w / total for c, w in labelled.items()}
+            )
+    assert stage.stats["generated"] == K * len(good)
+    stage.process_batch(arrived)
+    assert stage.stats["generated"] == 2 * K * len(good)  # an actor's counts add up over its shards
+
+
+def test_interpolate_text_students_pools_clusters_given_as_input_and_unlabelled_shards() -> None:
+    """Text students mixed as embeddings in pools of 2, with cluster ids read from the input (no cluster
+    lineage, so M is unknown), some rows without the optional ``variant`` and ``lineage`` fields."""
+    rng = np.random.default_rng(11)
+    good = [
+        synthetic(f"k{i}", () if i % 2 else None, rng, cluster=c, text_embedding=rng.normal(size=6))
+        for i, c in enumerate([0, 0, 1, 1, 0])
+    ]
+    for row in good[1::2]:
+        row["lineage"] = {}
+    bad = [
+        synthetic("x1", (), rng, cluster=0, lineage={}),
+        synthetic("x2", (), rng, cluster=0, lineage={}, text_embedding=np.ones(7)),
+    ]
+    stage = make(Interpolate, student="text", teacher="image", pool_size=2)
+    assert stage.outputs() == {"generated_text_embedding"}
+    out = stage.process_batch([*bad, *good])
+    assert [(f.key, f.cause) for f in out if isinstance(f, Failure)] == [
+        ("x1", "missing_field"),
+        ("x2", "missing_field"),
+    ]
+    children = [o for o in out if not isinstance(o, Failure)]
+    assert len(children) == K * len(good)
+    seed = shard_seed(CTX.run_seed, good, "interpolate")
+    rows = {r["key"]: r for r in good}
+    keys = sorted(rows)
+    for child in children:
+        info = child["lineage"]["interpolate"]
+        assert info["anchor"] == child["key"] and info["permutation_seed"] == seed
+        assert (info["cluster"], info["m"], info["label_policy"]) == (
+            rows[child["key"]]["cluster"],
+            None,
+            "anchor",
+        )
+        assert "image_size" not in info and "soft_label" not in child
+        pool = list(permuted_batches(len(keys), 2, seed=seed, pass_index=info["pass_index"]))[
+            info["pool_index"]
+        ]
+        members = {keys[i] for i in pool}
+        assert child["key"] in members and set(info["contributors"]) <= members
+        assert info["pool_members"] == len(pool)
+        want = sum(
+            w * rows[k]["text_embedding"] for k, w in zip(info["contributors"], info["weights"], strict=True)
+        )
+        np.testing.assert_allclose(child["generated_text_embedding"], want, rtol=1e-5, atol=1e-6)
+
+    reseeded = Interpolate(
+        Interpolate.settings_from({"student": "text", "teacher": "image"}),
+        StageContext(run_seed=1, recipe="cmda", multiple=K, tag="cmda"),
+    )
+    again = reseeded.process_batch(good)
+    assert (
+        {o["lineage"]["interpolate"]["permutation_seed"] for o in again}
+        == {shard_seed(1, good, "interpolate")}
+        != {seed}
+    )
+
+    soft = make(Interpolate, student="text", teacher="image", soft_label=True).process_batch(good)
+    assert all(o["soft_label"] is None for o in soft)  # nobody labelled: the field is there, and empty
