@@ -176,6 +176,21 @@ def _pax(records: bytes, length: int | None = None) -> bytes:
     )
 
 
+def _patched(header: bytes, start: int, value: bytes) -> bytes:
+    """``header`` with ``value`` written at ``start`` and its checksum made right again."""
+    block = bytearray(header)
+    block[start : start + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _record_past_its_block() -> bytes:
+    """A pax record that fills its block, ending in a newline, but claims 600 bytes."""
+    record = b"600 path=" + b"p" * (BLOCK - 10) + b"\n"
+    return _tar(_pax(record), _header(name=b"a"))
+
+
 def _rec(key: str, value: str) -> bytes:
     """One pax record, its length counting its own digits."""
     body = f" {key}={value}\n".encode()
@@ -235,7 +250,7 @@ SHAPES = {
     "directory in the prefix only": (_tar(_header(prefix=b"/BOX ", type=b"5")), False),
     "prefix filling its field": (_tar(_header(name=b"a.txt", prefix=b"p" * 155, pad=b"z")), False),
     "symlink claiming a size": (_tar(_header(name=b"l", type=b"2", linkname=b"t", size=5)), False),
-    "size field of 12 digits": (_tar(_header(name=b"a", size=2, mode=b"0000644 ") + b"hi"[:0], b"hi"), False),
+    "size field of 12 digits": (_tar(_patched(_header(name=b"a"), 124, b"%012o" % 2), b"hi"), False),
     "size beyond the file in its first digit": (_tar(_header(name=b"a", size=8**10 + 2), b"hi"), False),
     "checksum with a wrong first digit": (_tar(_header(name=b"a", chksum=b"7%06o\0")), False),
     "checksum read with the type flag": (_checksum_read_with_the_type_flag(), False),
@@ -255,6 +270,7 @@ SHAPES = {
         False,
     ),
     "pax record longer than its data": (_tar(_pax(b"20 path=abc\n"), _header(name=b"a")), False),
+    "pax record past its block": (_record_past_its_block(), False),
     "pax record without '='": (_tar(_pax(b"7 path\n"), _header(name=b"a")), False),
     "pax record of an unknown key": (_tar(_pax(_rec("GNU.sparse.name", "xyz")), _header(name=b"a")), False),
     "two pax headers": (_tar(_pax(b"11 path=ab\n"), _pax(b"11 path=cd\n"), _header(name=b"a")), False),
