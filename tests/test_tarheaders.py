@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import tarfile
 
+import pytest
 import webdataset as wds
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from augpipe.pipeline.tarheaders import plain_members
+from augpipe.pipeline.tarheaders import BLOCK, plain_members
 from augpipe.pipeline.tarscan import Damage, Member, scan_members, tarfile_members
 
 TYPES = {
@@ -133,3 +134,177 @@ def test_damage_falls_back_to_tarfile_and_is_reported() -> None:
     scanned = list(scan_members(io.BytesIO(bytes(blob)), len(blob)))
     assert [m.name for m in scanned if isinstance(m, Member)] == ["a.txt"]
     assert any(isinstance(m, Damage) for m in scanned)
+
+
+# Hand-built headers: the shapes tarfile's writer never produces (old-style directories, fields filled to
+# the last byte, checksum and number spellings, pax records of every kind). On each the parser must give
+# tarfile's members or None; ``fast=True`` cases are common enough in real shards to need the fast path.
+FIELDS = {
+    "name": (0, 100),
+    "mode": (100, 108),
+    "uid": (108, 116),
+    "gid": (116, 124),
+    "size": (124, 136),
+    "mtime": (136, 148),
+    "type": (156, 157),
+    "linkname": (157, 257),
+    "magic": (257, 265),
+    "devmajor": (329, 337),
+    "devminor": (337, 345),
+    "prefix": (345, 500),
+    "pad": (500, 512),
+}
+
+
+def _header(chksum: bytes = b"%06o\0 ", size: int = 0, **fields: bytes) -> bytes:
+    """A 512-byte ustar header; ``chksum`` is the checksum field's spelling (%-formatted with the sum)."""
+    values = {"mode": b"0000644\0", "uid": b"0000000\0", "gid": b"0000000\0", "size": b"%011o\0" % size}
+    values |= {"mtime": b"14000000000\0", "type": b"0", "magic": b"ustar\x0000", **fields}
+    block = bytearray(BLOCK)
+    for key, value in values.items():
+        start, stop = FIELDS[key]
+        assert len(value) <= stop - start, key
+        block[start : start + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = chksum % sum(block)
+    return bytes(block)
+
+
+def _pax(records: bytes, length: int | None = None) -> bytes:
+    return (
+        _header(name=b"././@PaxHeader", type=b"x", size=len(records) if length is None else length) + records
+    )
+
+
+def _patched(header: bytes, start: int, value: bytes) -> bytes:
+    """``header`` with ``value`` written at ``start`` and its checksum made right again."""
+    block = bytearray(header)
+    block[start : start + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _record_past_its_block() -> bytes:
+    """A pax record that fills its block, ending in a newline, but claims 600 bytes."""
+    record = b"600 path=" + b"p" * (BLOCK - 10) + b"\n"
+    return _tar(_pax(record), _header(name=b"a"))
+
+
+def _rec(key: str, value: str) -> bytes:
+    """One pax record, its length counting its own digits."""
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(body) + len(str(length)) != length:
+        length += 1
+    return b"%d%s" % (length, body)
+
+
+def _tar(*parts: bytes) -> bytes:
+    """The parts (headers, data) each padded to whole blocks, then the end-of-archive zeros."""
+    return b"".join(part + b"\0" * (-len(part) % BLOCK) for part in parts) + b"\0" * 1024
+
+
+def _by_tarfile(name: str, kind: str, fmt: int, data: bytes = b"", link: str = "") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.linkname, info.mtime = TYPES[kind], len(data), link, 1_700_000_000
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _checksum_read_with_the_type_flag() -> bytes:
+    """A checksum field of eight octal digits (no terminator) that is the sum only if the type flag, the
+    next byte, were read as a ninth digit: tarfile (and the parser) must reject it."""
+    for i in range(64):
+        block = bytearray(_header(name=b"c%d.txt" % i))
+        block[148:156] = b" " * 8
+        total = sum(block)
+        if total % 8 == 0:  # the type flag is "0"
+            block[148:156] = b"%08o" % (total // 8)
+            return _tar(bytes(block))
+    raise AssertionError("no name gives a sum divisible by 8")
+
+
+def _pax_length_read_into_mtime() -> bytes:
+    """A pax header whose size field is 12 digits (no NUL), followed by a member whose data is a header."""
+    record = b"70 path=" + b"p" * 61 + b"\n"
+    pax = bytearray(_pax(record))
+    pax[124:136], pax[136] = b"%012o" % 70, ord("1")
+    pax[148:156] = b" " * 8
+    pax[148:156] = b"%06o\0 " % sum(pax[:BLOCK])
+    inner = _header(name=b"inner.txt")
+    return _tar(bytes(pax), _header(name=b"outer.bin", size=BLOCK), inner, _header(name=b"after.txt"))
+
+
+SHAPES = {
+    # (archive, fast path required)
+    "old-style regular file": (_tar(_header(name=b"a.txt", type=b"\0", size=2), b"hi"), True),
+    "old-style directory": (_tar(_header(name=b"d/", type=b"\0"), _header(name=b"d/a.txt")), True),
+    "old-style directory under a prefix": (_tar(_header(name=b"d/", prefix=b"p", type=b"\0")), False),
+    "regular file named with a slash": (_tar(_header(name=b"x/", size=2), b"hi"), False),
+    "directory with a leading slash": (_tar(_header(name=b"/abs/", type=b"5")), False),
+    "directory ending in X": (_tar(_header(name=b"BOX/", type=b"5")), False),
+    "directory ending in a space": (_tar(_header(name=b"d ", type=b"5")), False),
+    "directory in the prefix only": (_tar(_header(prefix=b"/BOX ", type=b"5")), False),
+    "prefix filling its field": (_tar(_header(name=b"a.txt", prefix=b"p" * 155, pad=b"z")), False),
+    "symlink claiming a size": (_tar(_header(name=b"l", type=b"2", linkname=b"t", size=5)), False),
+    "size field of 12 digits": (_tar(_patched(_header(name=b"a"), 124, b"%012o" % 2), b"hi"), False),
+    "size beyond the file in its first digit": (_tar(_header(name=b"a", size=8**10 + 2), b"hi"), False),
+    "checksum with a wrong first digit": (_tar(_header(name=b"a", chksum=b"7%06o\0")), False),
+    "checksum read with the type flag": (_checksum_read_with_the_type_flag(), False),
+    "malformed mode, valid checksum": (_tar(_header(name=b"a", mode=b"0000x44\0")), False),
+    "malformed device, valid checksum": (_tar(_header(name=b"a", devmajor=b"0000x00\0")), False),
+    "pax path ending in a space": (_tar(_pax(_rec("path", "a ")), _header(name=b"a")), False),
+    "pax path with a leading slash": (_tar(_pax(_rec("path", "/abs")), _header(name=b"a")), False),
+    "pax path ending in X": (_tar(_pax(_rec("path", "a/BOX")), _header(name=b"a")), False),
+    "pax path with '=' (hive-style)": (_tar(_pax(_rec("path", "split=train.txt")), _header(name=b"a")), True),
+    "pax size over the header's": (_tar(_pax(_rec("size", "2000")), _header(name=b"a"), b"z" * 2000), True),
+    "pax linkpath over the header's": (
+        _tar(_pax(_rec("linkpath", "long")), _header(type=b"2", linkname=b"s")),
+        True,
+    ),
+    "pax records past the header's size": (
+        _tar(_pax(b"11 path=ab\n11 path=cd\n", length=11), _header()),
+        False,
+    ),
+    "pax record longer than its data": (_tar(_pax(b"20 path=abc\n"), _header(name=b"a")), False),
+    "pax record past its block": (_record_past_its_block(), False),
+    "pax record without '='": (_tar(_pax(b"7 path\n"), _header(name=b"a")), False),
+    "pax record of an unknown key": (_tar(_pax(_rec("GNU.sparse.name", "xyz")), _header(name=b"a")), False),
+    "two pax headers": (_tar(_pax(b"11 path=ab\n"), _pax(b"11 path=cd\n"), _header(name=b"a")), False),
+    "pax header then zeros": (_tar(_pax(b"11 path=ab\n"), b"\0" * BLOCK, _header(name=b"a")), False),
+    "pax size read into mtime": (_pax_length_read_into_mtime(), False),
+    "pax size beyond the file in its first digit": (
+        _tar(_pax(b"11 path=ab\n", length=8**10 + 11)[:BLOCK] + b"11 path=ab\n", _header(name=b"a")),
+        False,
+    ),
+}
+for _fmt in FORMATS:
+    SHAPES[f"name of 100 characters ({_fmt})"] = (_by_tarfile("n" * 96 + ".txt", "file", _fmt, b"x"), True)
+    SHAPES[f"link of 100 characters ({_fmt})"] = (_by_tarfile("l", "symlink", _fmt, link="t" * 100), True)
+    SHAPES[f"folder name in the prefix ({_fmt})"] = (_by_tarfile("d" * 130, "directory", _fmt), _fmt != 1)
+SHAPES["long link target (pax)"] = (_by_tarfile("l", "symlink", tarfile.PAX_FORMAT, link="t" * 150), True)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_hand_built_headers_read_as_tarfile_reads_them(shape) -> None:
+    blob, needs_fast_path = SHAPES[shape]
+    fast, slow = _both(blob)
+    assert fast is None or fast == slow
+    if needs_fast_path:
+        assert fast == slow
+
+
+def test_webdataset_shards_with_long_keys_take_the_fast_path() -> None:
+    """Float mtimes and long keys give pax headers of several records, read by the fast parser too."""
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{'k' * 120}{i}", "txt": b"a caption", "json": b"{}"})
+    blob = buffer.getvalue()
+    assert b" path=" in blob and b" mtime=" in blob
+    fast, slow = _both(blob)
+    assert fast is not None and len(fast) == 6
+    assert fast == slow

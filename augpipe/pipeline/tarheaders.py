@@ -138,7 +138,7 @@ def _members(stream: IO[bytes], size: int) -> list[Member]:
             if pax is not None or data_at + length > size:
                 raise _NotPlain
             stream.seek(data_at)
-            pax = _pax_records(stream.read(length))
+            pax = _pax_records(stream.read(padded(length)))  # tarfile reads every record in the blocks
             offset = data_at + padded(length)
             continue
         member = _member(header, data_at, pax or {})
