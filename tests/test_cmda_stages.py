@@ -17,7 +17,14 @@ import pytest
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from augpipe.methods.cmda import cluster_batches, cmda_weights, generate, permuted_batches, select_gmm_bic
+from augpipe.methods.cmda import (
+    EPS,
+    cluster_batches,
+    cmda_weights,
+    generate,
+    permuted_batches,
+    select_gmm_bic,
+)
 from augpipe.methods.latent import supcon_loss
 from augpipe.methods.mixup import geodesic_mix, mixup_batch
 from augpipe.pipeline.config import load_recipe
@@ -584,13 +591,21 @@ def test_rows_are_named_ordered_and_seeded_by_key_and_variant() -> None:
     assert shard_seed(0, other_variant, "interpolate") != seed
 
 
+def test_shard_seeds_are_pinned_across_versions_and_keys_do_not_run_together() -> None:
+    """``permutation_seed`` is in every output's lineage and decides which pools a rerun draws: a release
+    that changed it would make a resumed or repaired shard differ from the rest of the corpus. Identities
+    are joined with a separator, so shards {ab, c} and {a, bc} do not share a seed."""
+    assert shard_seed(0, [{"key": "a"}, {"key": "b", "variant": (1,)}], "interpolate") == 4026766219298867437
+    assert shard_seed(0, [{"key": "ab"}, {"key": "c"}], "interpolate") == 2053104278780811597
+    assert shard_seed(0, [{"key": "a"}, {"key": "bc"}], "interpolate") == 1486840390271901512
+
+
 def test_soft_label_json_names_the_non_zero_classes_with_sorted_keys() -> None:
     assert soft_label_json(np.array([0.25, 0.0, 0.75]), ["cat", "cow", "dog"]) == '{"cat": 0.25, "dog": 0.75}'
     assert soft_label_json(np.zeros(3), ["cat", "cow", "dog"]) is None
     classes, idx = class_index([{"label": "dog"}, {"label": None}, {"label": "cat"}, {"label": 3}, {}])
     assert classes == ["3", "cat", "dog"]
-    labelled = idx >= 0
-    assert labelled.tolist() == [True, False, True, True, False] and idx[labelled].tolist() == [2, 1, 0]
+    assert idx.dtype == np.int64 and idx.tolist() == [2, -1, 1, 0, -1]  # -1: unlabelled
 
 
 def synthetic(key: str, variant: tuple[int, ...] | None, rng: np.random.Generator, **fields: object) -> dict:
@@ -704,6 +719,19 @@ def test_interpolate_names_fanned_out_rows_writes_renormalised_soft_labels_and_s
     assert stage.stats["generated"] == 2 * K * len(good)  # an actor's counts add up over its shards
 
 
+def test_a_teacher_latent_counts_as_zero_up_to_and_including_eps() -> None:
+    """|cos| with a teacher latent of norm ε is 0 by the ε guard, so such a row has no cross-modal weights
+    and fails; any longer vector, however short, has a direction and joins the pool."""
+    rng = np.random.default_rng(3)
+    rows = [synthetic(k, None, rng, cluster=0, image=gradient(12, 10), lineage={}) for k in "abc"]
+    rows[0]["teacher_latent"] = np.array([EPS, 0, 0, 0], np.float32)
+    rows[1]["teacher_latent"] = np.array([2 * EPS, 0, 0, 0], np.float32)
+    out = make(Interpolate).process_batch(rows)
+    failed = {o.key: o.cause for o in out if isinstance(o, Failure)}
+    assert failed == {"a": "zero_teacher_latent"}
+    assert sorted({r["key"] for r in out if not isinstance(r, Failure)}) == ["b", "c"]
+
+
 def test_interpolate_text_students_pools_clusters_given_as_input_and_unlabelled_shards() -> None:
     """Text students mixed as embeddings in pools of 2, with cluster ids read from the input (no cluster
     lineage, so M is unknown), some rows without the optional ``variant`` and ``lineage`` fields."""
@@ -749,6 +777,7 @@ def test_interpolate_text_students_pools_clusters_given_as_input_and_unlabelled_
             w * rows[k]["text_embedding"] for k, w in zip(info["contributors"], info["weights"], strict=True)
         )
         np.testing.assert_allclose(child["generated_text_embedding"], want, rtol=1e-5, atol=1e-6)
+        assert child["generated_text_embedding"].dtype == np.float32  # as written: half of float64
 
     reseeded = Interpolate(
         Interpolate.settings_from({"student": "text", "teacher": "image"}),
