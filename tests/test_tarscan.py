@@ -64,9 +64,38 @@ def test_garbage_after_the_last_member_is_reported_with_its_size() -> None:
         (b"\x07" * 700, "700 bytes after the last member are not tar members (damaged header)"),
         (b"\x07" * BLOCK, "512 bytes after the last member are not tar members (damaged header)"),
         (b"\x07" * 100, "the file ends inside a member header (truncated)"),
+        (b"\x07", "the file ends inside a member header (truncated)"),  # one stray byte is checked too
     ):
         found = scan(good + garbage)
         assert found == [Member("a.txt", BLOCK, 5, "file"), Damage(len(good), message)], len(garbage)
+
+
+def test_a_file_shorter_than_one_header_is_not_a_tar_archive() -> None:
+    assert scan(b"\x07" * 100) == [Damage(0, "not a tar archive (truncated header)")]
+
+
+def test_an_archive_cut_right_after_its_last_member_loses_nothing() -> None:
+    """A writer killed before the end-of-archive blocks leaves whole members: none of them is damage."""
+    blob = archive(("a.bin", b"x" * BLOCK), end=False)
+    assert len(blob) == 2 * BLOCK
+    assert scan(blob) == [Member("a.bin", BLOCK, BLOCK, "file")]
+
+
+def test_a_damaged_header_after_a_pax_header_is_named_at_the_pax_header() -> None:
+    """tarfile cannot resynchronise inside an extended-header pair: the damage starts where the pair does
+    and the scan stops there, saying why."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("a.txt", b"1"), ("x" * 150 + ".txt", b"2"), ("c.txt", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(data))
+    blob = bytearray(buffer.getvalue())
+    blob[4 * BLOCK + 10] ^= 0xFF  # the long name's own header, after its pax header and pax data
+    assert scan(bytes(blob)) == [
+        Member("a.txt", BLOCK, 1, "file"),
+        Damage(2 * BLOCK, "unreadable tar header (bad checksum)"),
+    ]
 
 
 def test_a_damaged_header_between_members_is_skipped_and_the_next_member_found() -> None:
@@ -163,6 +192,14 @@ def test_samples_group_members_and_account_for_folders_bare_names_and_links() ->
     assert sorted(samples["a"].members) == ["json", "txt"] and samples["a"].others == []
     assert samples["bare"].members == {} and [m.kind for m in samples["bare"].others] == ["symlink"]
     assert list(samples["b"].members) == ["txt"] and [m.name for m in samples["b"].others] == ["b.lnk"]
+
+
+def test_samples_after_a_damaged_region_are_still_found() -> None:
+    blob = bytearray(archive(("a.txt", b"x" * 600), ("b.txt", b"y" * 10), ("c.txt", b"z")))
+    blob[3 * BLOCK + 10] ^= 0xFF  # b.txt's header
+    found = list(scan_samples(io.BytesIO(bytes(blob)), len(blob)))
+    assert [type(item).__name__ for item in found] == ["Sample", "Damage", "Sample"]
+    assert [found[0].key, found[2].key] == ["a", "c"]
 
 
 def test_a_member_cut_by_truncation_takes_its_open_sample_with_it() -> None:

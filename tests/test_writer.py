@@ -84,6 +84,18 @@ def test_every_member_holds_its_field_under_the_webdataset_name(tmp_path):
     assert json.loads(samples[1]["json"])["key"] == "src1-aug-2"
 
 
+def test_member_names_are_the_key_and_a_lower_case_extension(tmp_path):
+    """webdataset lower-cases extensions when it reads, but tarfile, Hugging Face's loader and a user's
+    own scripts do not: ``KEY.PNG`` would be a different column there. Members of a sample come in the
+    order webdataset's writer gives them (sorted by extension)."""
+    write_shard(Store(tmp_path), "shard-0", rows(), SPEC)
+    with tarfile.open(tmp_path / layout.data_files("shard-0")[0]) as tar:
+        names = tar.getnames()
+    assert names == [
+        f"{key}.{ext}" for key in ("src0", "src1-aug-2") for ext in ("flac", "json", "png", "txt")
+    ]
+
+
 def test_a_text_only_recipe_writes_no_media_members(tmp_path):
     spec = OutputSpec("test", "aug", {"text": "text"})
     write_shard(Store(tmp_path), "shard-0", rows(), spec)
@@ -121,7 +133,9 @@ def test_output_keys_name_sources_and_generated_samples_and_refuse_collisions():
     assert output_key({"key": "k", "variant": (1, 2)}, "bs") == "k-bs-1-2"
     assert output_key({"key": "k", "variant": (3,), "output_key": "chosen"}, "bs") == "chosen"
     assert output_keys([{"key": "k", "variant": (0,)}, {"key": "k"}], "bs") == ["k-bs-0", "k"]
-    with pytest.raises(RuntimeError, match="collide"):
+    with pytest.raises(
+        RuntimeError, match=r"^generated keys collide; every output row needs a distinct key$"
+    ):
         output_keys([{"key": "k", "variant": (0,)}, {"key": "k", "output_key": "k-bs-0"}], "bs")
 
 
