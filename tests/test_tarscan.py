@@ -98,10 +98,15 @@ def test_a_damaged_header_after_a_pax_header_is_named_at_the_pax_header() -> Non
     ]
 
 
-def test_a_damaged_header_between_members_is_skipped_and_the_next_member_found() -> None:
+def damaged_in_the_middle() -> bytes:
+    """a.txt, b.txt, c.txt with b.txt's header damaged (after a.txt's header and two data blocks)."""
     blob = bytearray(archive(("a.txt", b"x" * 600), ("b.txt", b"y" * 10), ("c.txt", b"z")))
-    blob[3 * BLOCK + 10] ^= 0xFF  # b.txt's header (after a.txt's header and two data blocks)
-    found = scan(bytes(blob))
+    blob[3 * BLOCK + 10] ^= 0xFF
+    return bytes(blob)
+
+
+def test_a_damaged_header_between_members_is_skipped_and_the_next_member_found() -> None:
+    found = scan(damaged_in_the_middle())
     assert found == [
         Member("a.txt", BLOCK, 600, "file"),
         Damage(3 * BLOCK, "1,024 bytes of damaged tar data skipped"),
@@ -195,9 +200,8 @@ def test_samples_group_members_and_account_for_folders_bare_names_and_links() ->
 
 
 def test_samples_after_a_damaged_region_are_still_found() -> None:
-    blob = bytearray(archive(("a.txt", b"x" * 600), ("b.txt", b"y" * 10), ("c.txt", b"z")))
-    blob[3 * BLOCK + 10] ^= 0xFF  # b.txt's header
-    found = list(scan_samples(io.BytesIO(bytes(blob)), len(blob)))
+    blob = damaged_in_the_middle()
+    found = list(scan_samples(io.BytesIO(blob), len(blob)))
     assert [type(item).__name__ for item in found] == ["Sample", "Damage", "Sample"]
     assert [found[0].key, found[2].key] == ["a", "c"]
 
