@@ -107,6 +107,8 @@ def test_config_differences_ignore_execution_only_options_and_show_unset_keys():
     assert corpus.config_differences(new, old) == ['stages.tts.voice: "b" -> (unset)']
     renamed = {**old, "stages": [{**old["stages"][0], "stage": "transcribe"}]}
     assert corpus.config_differences(old, renamed) == ['stages.tts: "synthesize_speech" -> "transcribe"']
+    nulled = {**old, "seed": None}
+    assert corpus.config_differences(old, nulled) == ["seed: (unset) -> null"], "null is a value, not unset"
 
 
 def test_shards_of_another_configuration_without_a_manifest_are_refused_and_cleared_on_overwrite(tmp_path):
@@ -129,8 +131,11 @@ def test_stats_records_skip_unreadable_records_and_other_files(tmp_path):
     store = Store(tmp_path)
     write_stats(store, "shard-00000", {"shard": "shard-00000"})
     store.write_bytes(layout.stats_file("shard-00001"), b"{cut off")
+    write_stats(store, "shard-00002", {"shard": "shard-00002"})
     store.write_bytes(f"{layout.STATS_DIR}/notes.txt", b"{}")
-    assert corpus.stats_records(store) == [{"shard": "shard-00000"}]
+    assert corpus.stats_records(store) == [{"shard": "shard-00000"}, {"shard": "shard-00002"}], (
+        "an unreadable record hides neither the records before it nor those after it"
+    )
 
 
 def test_clear_corpus_removes_every_shard_file_and_the_manifest_but_keeps_caches(tmp_path):
