@@ -107,7 +107,7 @@ def _member(header: bytes, data_at: int, pax: dict[str, str]) -> Member:
     raw = _text(header[0:100])
     if flag == b"\0" and raw.endswith("/"):
         kind = "directory"
-    name = raw.rstrip("/") if kind == "directory" else raw
+    name = raw
     prefix = _text(header[345:500])
     if prefix:
         name = f"{prefix}/{name}"
