@@ -283,9 +283,8 @@ def _tar_samples(stream: IO[bytes], size: int, admission: _Admission, limits: Li
                 for ext, member in sample.members.items()
                 if media_field(ext) not in admission.skip_media
             }
-            if not data:
-                return {"key": sample.key, "variant": (), "lineage": {}}
-            row = decode_members(sample.key, data, limits)
+            bare: Row = {"key": sample.key, "variant": (), "lineage": {}}
+            row = decode_members(sample.key, data, limits) if data else bare
             for column, value in extras.get(sample.key, {}).items():
                 row.setdefault(column, value)
             return row
