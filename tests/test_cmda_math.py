@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -176,6 +179,51 @@ def test_float32_inputs_stay_float32() -> None:
     w = cmda.cmda_weights(Z_T.astype(np.float32), Z_S.astype(np.float32), GROUPS)
     assert w.dtype == np.float32
     np.testing.assert_allclose(w[0], [0.437032, 0.405715, 0.157253, 0, 0, 0], atol=1e-6)
+    assert cmda.soft_labels(w, np.array([0, 1, 0, 1, 1, 0]), 2).dtype == np.float32
+
+
+def test_mixed_precision_computes_in_float64_and_half_precision_in_float32() -> None:
+    """Either input in float64 makes the affinity float64; float16 is widened: its squared norms overflow."""
+    assert cmda.abs_cosine_affinity(Z_T, Z_S.astype(np.float32)).dtype == np.float64
+    assert cmda.abs_cosine_affinity(Z_T.astype(np.float32), Z_S).dtype == np.float64
+    half = np.full((2, 4), 200, dtype=np.float16)  # squared norm 160000 > float16's max 65504
+    a = cmda.abs_cosine_affinity(half, half)
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(a, 1.0, rtol=1e-6)
+
+
+def test_reference_column_of_a_teacher_summing_to_exactly_eps_gets_weight_zero() -> None:
+    """The zero-row guard is strict (row sum > ε): at exactly ε the 1/ε blow-up must not come back."""
+    teacher = np.array([[1.0, 0.0], [0.0, 1.0]])
+    student = np.array([[cmda.EPS, 1.0], [0.0, 1.0]])
+    assert cmda.abs_cosine_affinity(teacher, student)[0].sum() == cmda.EPS
+    w = cmda.cmda_weights(teacher, student, mode="reference_cma")
+    np.testing.assert_array_equal(w, [[0.0, 0.0], [0.0, 0.5]])
+
+
+def test_a_callers_eps_reaches_the_norm_guard() -> None:
+    """With ε below the embeddings' norms, tiny embeddings mix like any others (|cos| is scale-free)."""
+    tiny_t, tiny_s = Z_T * 1e-14, Z_S * 1e-14  # norms below the default ε = 1e-12
+    w = cmda.cmda_weights(tiny_t, tiny_s, GROUPS, eps=1e-30)
+    np.testing.assert_allclose(w, cmda.cmda_weights(Z_T, Z_S, GROUPS), rtol=1e-12)
+    outs = cmda.iter_offline(
+        6, teacher=tiny_t, student=tiny_s, x_student=X_S, cluster_labels=GROUPS, batch_size=6, eps=1e-30
+    )
+    by_anchor = {o.anchor: o for o in outs}
+    np.testing.assert_allclose(by_anchor[0].x_new, [0.751537, 0.720221, 0.157253, 1.279779], atol=ATOL)
+
+
+def test_labels_may_be_column_vectors() -> None:
+    """Cluster and class labels read as an (n, 1) column (one column of a table) act as the flat labels."""
+    w = cmda.cmda_weights(Z_T, Z_S, GROUPS)
+    np.testing.assert_array_equal(cmda.cmda_weights(Z_T, Z_S, GROUPS[:, None]), w)
+    y = np.array([0, 1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(cmda.soft_labels(w, y[:, None], 2), cmda.soft_labels(w, y, 2))
+    labels = np.random.default_rng(1).integers(0, 3, size=30)
+    flat = list(cmda.cluster_batches(30, 4, labels, seed=5, pass_index=0))
+    column = list(cmda.cluster_batches(30, 4, labels[:, None], seed=5, pass_index=0))
+    for a, b in zip(flat, column, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- paper-literal soft DCA
@@ -212,7 +260,9 @@ def _collect(n: int, batch_size: int, seed: int, pass_index: int = 0) -> list[np
     return list(cmda.permuted_batches(n, batch_size, seed=seed, pass_index=pass_index))
 
 
-@pytest.mark.parametrize(("n", "batch_size"), [(1, 4), (6, 6), (37, 8), (1000, 128), (1025, 128)])
+@pytest.mark.parametrize(
+    ("n", "batch_size"), [(1, 4), (2, 1), (3, 2), (5, 2), (6, 6), (37, 8), (1000, 128), (1025, 128)]
+)
 def test_batches_partition_the_corpus(n: int, batch_size: int) -> None:
     batches = _collect(n, batch_size, seed=3)
     assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
@@ -226,6 +276,31 @@ def test_permutation_is_seeded() -> None:
     assert not np.array_equal(first, np.concatenate(_collect(1000, 128, seed=4)))
     assert not np.array_equal(first, np.concatenate(_collect(1000, 128, seed=3, pass_index=1)))
     assert not np.array_equal(first, np.arange(1000))
+
+
+# (n, seed, pass_index) -> the first 8 positions of the pass, as the current generator draws them
+PINNED_PERMUTATIONS = {
+    (3, 0, 0): [0, 1, 2],
+    (3, 1, 0): [1, 2, 0],
+    (4, 0, 0): [3, 1, 2, 0],
+    (5, 0, 1): [4, 1, 3, 0, 2],
+    (10, 0, 0): [1, 9, 6, 4, 7, 0, 8, 3],
+    (10, 1, 0): [1, 5, 4, 8, 9, 3, 7, 2],
+    (10, 2024, 3): [7, 2, 6, 8, 3, 1, 4, 0],
+    (1000, 7, 2): [859, 483, 879, 359, 57, 694, 663, 445],
+}
+
+
+def test_permutations_are_pinned_across_versions() -> None:
+    """A resumed shard must redraw the pools an uninterrupted run drew, so the generator may never change."""
+    for (n, seed, pass_index), expected in PINNED_PERMUTATIONS.items():
+        drawn = np.concatenate(_collect(n, 8, seed=seed, pass_index=pass_index))[:8]
+        assert drawn.tolist() == expected, (n, seed, pass_index)
+
+
+def test_empty_corpus_has_no_batches_and_batch_size_one_is_allowed() -> None:
+    assert _collect(0, 4, seed=0) == []
+    assert [len(b) for b in _collect(5, 1, seed=0)] == [1] * 5
 
 
 def test_permutation_is_not_local() -> None:
@@ -243,6 +318,19 @@ def test_cluster_batches_are_single_cluster_and_partition() -> None:
         assert 1 <= len(b) <= batch_size
     np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(n))
     assert sum(len(b) < batch_size for b in batches) <= 3  # at most one remainder per cluster
+
+
+def test_cluster_batches_stream_a_full_batch_as_soon_as_it_fills() -> None:
+    """A cluster's batch leaves as soon as it has B members, so what is pending stays O(M·B)."""
+    fetched: list[int] = []
+
+    def one_cluster(idx: np.ndarray) -> np.ndarray:
+        fetched.append(len(idx))
+        return np.zeros(len(idx), dtype=int)
+
+    first = next(cmda.cluster_batches(12, 4, one_cluster, seed=0, pass_index=0))
+    assert len(first) == 4
+    assert fetched == [4]  # emitted from the first block, before the second is read
 
 
 def _corpus(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -353,6 +441,36 @@ def test_driver_soft_labels_and_student_reuse() -> None:
     for batch in batches:
         np.testing.assert_allclose(batch.x_new, batch.weights @ corpus["student"][batch.indices])
         np.testing.assert_allclose(batch.soft_labels, batch.weights @ np.eye(4)[y[batch.indices]])
+        for r, anchor in enumerate(batch.anchors()):
+            assert anchor.soft_label is not None
+            np.testing.assert_array_equal(anchor.soft_label, batch.soft_labels[r])
+
+
+def test_student_passed_as_x_student_is_fetched_once_per_batch() -> None:
+    n = 20
+    corpus = _corpus(n)
+    calls: list[int] = []
+
+    def student(idx: np.ndarray) -> np.ndarray:
+        calls.append(len(idx))
+        return corpus["student"][idx]
+
+    batches = list(
+        cmda.iter_offline_batches(
+            n, teacher=corpus["teacher"], student=student, x_student=student, batch_size=8, seed=0
+        )
+    )
+    assert calls == [len(b.indices) for b in batches]
+
+
+def test_driver_defaults_are_one_pass_of_b128_with_seed_0() -> None:
+    """B = 128 is the paper's batch (METHODS §2.3); one pass and seed 0 are what omitting them gives."""
+    n = 300
+    batches = list(cmda.iter_offline_batches(n, **_corpus(n)))
+    assert [b.pass_index for b in batches] == [0, 0, 0]
+    for batch, expected in zip(batches, _collect(n, 128, seed=0), strict=True):
+        np.testing.assert_array_equal(batch.indices, expected)
+    assert [len(b.indices) for b in batches] == [128, 128, 44]
 
 
 def test_driver_rejects_inconsistent_options() -> None:
@@ -363,6 +481,51 @@ def test_driver_rejects_inconsistent_options() -> None:
         next(cmda.iter_offline_batches(10, **{**corpus, "cluster_labels": None}, pool="cluster"))
     with pytest.raises(ValueError):
         next(cmda.iter_offline_batches(10, **corpus, class_labels=np.zeros(10, dtype=int)))
+
+
+def _exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+_CORPUS_10 = _corpus(10)
+_NO_CLUSTERS = {**_CORPUS_10, "cluster_labels": None}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: cmda.cmda_weights(Z_T, Z_S, mode="softmax"),
+            "unknown CMDA weight mode 'softmax'; expected one of "
+            "('rownorm_cra', 'reference_cra', 'reference_cma')",
+        ),
+        (
+            lambda: cmda.cmda_weights(Z_T, Z_S, GROUPS, mode="reference_cma"),
+            "reference_cma has no DCA mask: pass labels=None",
+        ),
+        (lambda: _collect(-1, 4, seed=0), "need n >= 0 and batch_size >= 1, got n=-1, batch_size=4"),
+        (lambda: _collect(5, 0, seed=0), "need n >= 0 and batch_size >= 1, got n=5, batch_size=0"),
+        (
+            lambda: next(cmda.iter_offline_batches(10, **_CORPUS_10, pool="mixed")),
+            'pool must be "batch" or "cluster", got \'mixed\'',
+        ),
+        (
+            lambda: next(cmda.iter_offline_batches(10, **_NO_CLUSTERS, pool="cluster")),
+            'pool="cluster" needs cluster_labels',
+        ),
+        (
+            lambda: next(cmda.iter_offline_batches(10, **_CORPUS_10, mode="reference_cma")),
+            "reference_cma has no DCA mask: pass cluster_labels=None",
+        ),
+        (
+            lambda: next(cmda.iter_offline_batches(10, **_CORPUS_10, n_classes=3)),
+            "class_labels and n_classes go together",
+        ),
+    ],
+)
+def test_invalid_arguments_raise_exact_messages(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=_exactly(message)):
+        call()
 
 
 def test_responsibilities_with_unequal_covariances_match_the_densities_and_survive_far_points() -> None:
