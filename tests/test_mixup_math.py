@@ -297,3 +297,80 @@ def test_recursive_mix_pastes_a_box_one_pixel_wide():
     box = mixup.RecursiveMixBox(top=0, left=2, bottom=4, right=3, lam=0.75)
     mixed, _ = mixup.recursive_mix(x, np.eye(2)[:1], old, np.eye(2)[1:], box)
     assert mixed.sum() == 4 and mixed[0, 0, :, 2].min() == 1
+
+
+# ------------------------------------------------------------- dtypes, rounding and exact thresholds
+
+
+def test_mix_pair_integer_lambda_and_pixels_mix_as_float():
+    """λ = 0 or 1 given as an int still mixes as a float: uint8 pixels come back float64, not int64."""
+    x_i, x_j = np.array([[0, 255], [7, 9]], dtype=np.uint8), np.array([[255, 1], [3, 4]], dtype=np.uint8)
+    y_i, y_j = np.array([[1, 0], [1, 0]]), np.array([[0, 1], [0, 1]])
+    for lam, rows in [(1, [0, 0]), (0, [1, 1]), (np.array([1, 0]), [0, 1])]:
+        x, y = mixup.mix_pair(x_i, x_j, y_i, y_j, lam)
+        assert x.dtype == np.float64 and y.dtype == np.float64
+        np.testing.assert_array_equal(x, [(x_i, x_j)[r][k] for k, r in enumerate(rows)])
+        np.testing.assert_array_equal(y, [(y_i, y_j)[r][k] for k, r in enumerate(rows)])
+    x, _ = mixup.mix_pair(x_i, x_j, y_i, y_j, 0.5)
+    np.testing.assert_array_equal(x, [[127.5, 128.0], [5.0, 6.5]])  # no integer truncation
+
+
+def test_geodesic_mix_returns_the_wider_float_type_of_its_inputs():
+    """The output dtype is np.result_type(a, b, float32): float64 on either side wins over float32, and
+    integer (one-hot) axes mix to floats rather than being truncated to zeros."""
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    golden = [0.453990, 0.891007, 0.0]
+    for x, y in [(a, b.astype(np.float32)), (a.astype(np.float32), b)]:
+        mixed = mixup.geodesic_mix(x, y, 0.3).mixed
+        assert mixed.dtype == np.float64
+        np.testing.assert_allclose(mixed, golden, atol=ATOL)
+    for dtype, expected in [(np.int64, np.float64), (np.int8, np.float32)]:
+        mixed = mixup.geodesic_mix(a.astype(dtype), b.astype(dtype), 0.3).mixed
+        assert mixed.dtype == expected
+        np.testing.assert_allclose(mixed, golden, atol=ATOL)
+
+
+def test_geodesic_cosine_rounding_below_minus_one_is_flagged_antipodal_not_nan():
+    a = np.array([[0.33333333333333337, 0.6666666666666667, 0.6666666666666667]])  # (1, 2, 2)/3, normalised
+    assert np.sum(a * -a, axis=-1)[0] < -1.0  # rounding puts the cosine just below −1
+    assert np.all(np.isnan(_reference_sph_inter(a, -a, 0.3)))
+    out = mixup.geodesic_mix(a, -a, 0.3)
+    assert out.antipodal[0] and out.theta[0] == np.pi
+    np.testing.assert_allclose(out.mixed, -a, atol=1e-15)  # the lerp's limit at λ < ½
+
+
+def test_geodesic_sin_exactly_sin_eps_takes_the_slerp():
+    """The fallback is for sin θ < sin_eps (METHODS: "if sinθ < 1e-7"): sin θ = sin_eps still slerps."""
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])  # θ = π/2: sin θ is exactly 1
+    np.testing.assert_allclose(
+        mixup.geodesic_mix(a, b, 0.3, sin_eps=1.0).mixed, [0.453990, 0.891007, 0.0], atol=ATOL
+    )
+    above = mixup.geodesic_mix(a, b, 0.3, sin_eps=np.nextafter(1.0, 2.0)).mixed
+    np.testing.assert_allclose(above, mixup.normalised_lerp(a, b, 0.3), atol=1e-15)
+
+
+def test_normalised_lerp_falls_back_to_a_when_the_norm_is_at_most_eps():
+    a, b = np.array([1.0, 0.0]), np.array([-1.0, 0.0])  # λ = ¼: the lerp is (−½, 0), of norm ½ exactly
+    np.testing.assert_array_equal(mixup.normalised_lerp(a, b, 0.25, eps=0.5), a)
+    np.testing.assert_array_equal(mixup.normalised_lerp(a, b, 0.25, eps=np.nextafter(0.5, 0.0)), b)
+
+
+def test_geodesic_degenerate_pairs_compute_without_floating_point_errors():
+    """sin θ = 0 for a = b: the slerp must not divide 0/0, which raises under np.errstate(all="raise")."""
+    a = np.array([[0.6, 0.8, 0.0]])
+    with np.errstate(all="raise"):
+        same = mixup.geodesic_mix(a, a, 0.3)
+        opposite = mixup.geodesic_mix(a, -a, 0.5)
+    np.testing.assert_allclose(same.mixed, a, atol=1e-15)
+    np.testing.assert_allclose(opposite.mixed, a, atol=1e-15)
+
+
+def test_geodesic_antipodal_flag_needs_an_obtuse_pair():
+    """Only degenerate pairs with a·b < 0 are flagged, not nearly parallel or orthogonal degenerate ones."""
+    theta = 3e-8
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([np.cos(theta), np.sin(theta), 0.0])  # a·b rounds below 1
+    out = mixup.geodesic_mix(a, b, 0.4)
+    assert 0.0 < out.theta < 1e-7 and not out.antipodal  # degenerate (sin θ < 1e-7), yet not antipodal
+    acute_orthogonal_obtuse = np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [-0.6, 0.8, 0.0]])
+    out = mixup.geodesic_mix(np.tile(a, (3, 1)), acute_orthogonal_obtuse, 0.5, sin_eps=1.5)  # all degenerate
+    np.testing.assert_array_equal(out.antipodal, [False, False, True])
