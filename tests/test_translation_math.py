@@ -4,6 +4,7 @@ classifier-free guidance at every step, ẑ = cM + γ·Normalize(CDIM(c)) and th
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -205,3 +206,64 @@ def test_scaler_of_two_rows_uses_their_spread():
     from augpipe.methods.translation import _scaler
 
     torch.testing.assert_close(_scaler(torch.tensor([[0.0], [2.0]]))[1], torch.tensor([2.0**0.5]))
+
+
+def test_normalize_rows_scales_the_last_axis_to_unit_norm_and_honours_eps():
+    """Rows of any norm (small ones too) come out unit length along the last axis; a zero row stays
+    zero; ``eps`` is the floor on the divisor."""
+    x = torch.tensor([[0.03, 0.04], [3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(normalize_rows(x), torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.0, 0.0]]))
+    torch.testing.assert_close(normalize_rows(torch.tensor([0.3, 0.4])), torch.tensor([0.6, 0.8]))
+    batches = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(normalize_rows(batches), batches / batches.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(normalize_rows(x[:1], eps=0.1), torch.tensor([[0.3, 0.4]]))
+
+
+def test_default_gamma_is_one_and_the_empty_translator_error_is_exact():
+    torch.manual_seed(0)
+    no_m = Translator(TranslatorShape(**{**vars(SHAPE), "projection": False})).eval()
+    c, noise = torch.randn(4, 6), torch.randn(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(no_m(c, noise, 3, 5.0).norm(dim=1), torch.ones(4))  # γ = 1 (P)
+    message = "a translator needs the projection M, the DDIM term, or both"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Translator(TranslatorShape(6, 5, projection=False, ddim=False))
+
+
+def test_every_shape_field_fixes_the_network_and_schedule():
+    """Non-default hidden, layers, dropout, time_dim and beta all reach the ε-network and the schedule."""
+    shape = TranslatorShape(6, 5, hidden=12, layers=4, dropout=0.3, time_dim=8, timesteps=50, beta=0.004)
+    torch.manual_seed(0)
+    model = Translator(shape)
+    net = model.eps_net
+    assert net is not None and model.projection is not None and model.projection.bias is not None
+    assert (net.time[0].in_features, net.time[0].out_features) == (8, 12)
+    assert net.time_dim == 8 and len(net.linear) == 3 and net.linear[0].out_features == 12
+    assert net.drop.p == 0.3
+    torch.testing.assert_close(model.abar, cdim.alphas_bar(50, 0.004))
+    assert model.abar[0].item() == pytest.approx(1 - 0.004 * 1000 / 50)
+
+
+def test_cdim_samples_the_z_scored_condition_with_guidance_and_maps_back_to_embedding_space():
+    """CDIM(c) = the ω-guided DDIM sample for the z-scored c, times the target std plus its mean,
+    with scalers far from (0, 1) so a missing or inverted step shows."""
+    model = build(SHAPE, 1.0, 3, "cpu").eval()
+    assert model.eps_net is not None
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        model.eps_net.null.normal_(generator=gen)
+    c_train = 3.0 * torch.randn(64, 6, generator=gen) + 2.0
+    z_train = 0.5 * torch.randn(64, 5, generator=gen) - 4.0
+    model.set_scalers(c_train, z_train)
+    c, noise = c_train[:6], torch.randn(6, 5, generator=gen)
+    cond = (c - c_train.mean(0)) / c_train.std(0)
+    abar = cdim.alphas_bar(100, 0.008)
+    with torch.no_grad():
+        guided = cdim.ddim_sample(model.eps_net, cond, noise, abar, 5, 5.0)
+        unguided = cdim.ddim_sample(model.eps_net, cond, noise, abar, 5, None)
+        assert (guided - unguided).abs().max() > 1e-3
+        expected = guided * z_train.std(0) + z_train.mean(0)
+        torch.testing.assert_close(model.cdim(c, noise, 5, 5.0), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.cdim(c, noise, 5, None), unguided * z_train.std(0) + z_train.mean(0), atol=1e-5, rtol=1e-5
+        )
