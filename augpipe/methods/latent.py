@@ -178,8 +178,8 @@ def train_heads(
     shuffles every epoch; ``labels_np`` (class indices) makes the loss supervised. Training runs every
     epoch, or stops after ``config.max_steps`` steps when that comes first.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed % 2**63)
+    with torch.random.fork_rng(devices=[]):  # the heads are built on the CPU, then moved to ``device``
+        torch.random.default_generator.manual_seed(seed % 2**63)  # torch.manual_seed would reseed CUDA too
         heads = {
             "student": projection_head(xs_np.shape[1], config.hidden, config.dim).to(device),
             "teacher": projection_head(xt_np.shape[1], config.hidden, config.dim).to(device),
