@@ -283,8 +283,10 @@ def _tar_samples(stream: IO[bytes], size: int, admission: _Admission, limits: Li
                 for ext, member in sample.members.items()
                 if media_field(ext) not in admission.skip_media
             }
-            bare: Row = {"key": sample.key, "variant": (), "lineage": {}}
-            row = decode_members(sample.key, data, limits) if data else bare
+            if data:
+                row = decode_members(sample.key, data, limits)
+            else:  # every member is media this pass skips: the sidecar alone fills the row
+                row = {"key": sample.key, "variant": (), "lineage": {}}
             for column, value in extras.get(sample.key, {}).items():
                 row.setdefault(column, value)
             return row
