@@ -405,15 +405,21 @@ def test_driver_reproduces_golden_values_under_any_permutation() -> None:
         np.testing.assert_allclose(by_anchor[row].x_new, expected, atol=ATOL)
 
 
+def _recording_fetch(rows: np.ndarray, sizes: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """A row source as a callable that records how many rows each fetch asked for."""
+
+    def fetch(idx: np.ndarray) -> np.ndarray:
+        sizes.append(len(idx))
+        return rows[idx]
+
+    return fetch
+
+
 def test_callable_sources_match_arrays() -> None:
     n = 30
     corpus = _corpus(n)
     fetched: list[int] = []
-
-    def fetch_teacher(idx: np.ndarray) -> np.ndarray:
-        fetched.append(len(idx))
-        return corpus["teacher"][idx]
-
+    fetch_teacher = _recording_fetch(corpus["teacher"], fetched)
     from_arrays = list(cmda.iter_offline_batches(n, **corpus, batch_size=8, seed=4))
     from_callable = list(
         cmda.iter_offline_batches(n, **{**corpus, "teacher": fetch_teacher}, batch_size=8, seed=4)
@@ -450,11 +456,7 @@ def test_student_passed_as_x_student_is_fetched_once_per_batch() -> None:
     n = 20
     corpus = _corpus(n)
     calls: list[int] = []
-
-    def student(idx: np.ndarray) -> np.ndarray:
-        calls.append(len(idx))
-        return corpus["student"][idx]
-
+    student = _recording_fetch(corpus["student"], calls)
     batches = list(
         cmda.iter_offline_batches(
             n, teacher=corpus["teacher"], student=student, x_student=student, batch_size=8, seed=0
